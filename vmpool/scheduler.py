@@ -1,0 +1,531 @@
+"""The scheduler: pairs queued jobs with warm VMs and walks each job through
+Tango's flow (tango-compat.md section 3).
+
+Each accepted job is one task in the scheduler's task group. It waits in its
+own pool's FIFO (so an empty or failing pool delays only its own jobs), then
+runs waitVM, copyIn, runJob and copyOut, each under a deadline that is a
+cancel scope. System errors are retried on a fresh VM; the job's own result
+(success, failing make, its own timeout) never is. Whatever happens — a
+driver raising something unexpected, a cancel, a shutdown — the job ends
+exactly once with an output file that says what happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import inspect
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from .config import Settings
+from .errors import JobError, PoolClosedError, VMMSError
+from .models import TangoJob, TangoMachine
+from .output import HERE_IS_OUTPUT, autograder_line, temp_path_for, write_output_atomic
+from .pool import Pool
+from .vmms import EXIT_OK, EXIT_OSERROR, EXIT_TIMEOUT, EXIT_USAGE, check_input_files
+
+log = logging.getLogger("vmpool.scheduler")
+
+
+class JobState(enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+
+
+class Outcome(enum.Enum):
+    #: the autodriver returned normally (whatever make returned)
+    SUCCESS = "success"
+    #: the job ran and the autodriver reported a problem (usage, unknown status)
+    ERROR = "error"
+    #: the job's own time limit
+    TIMEOUT = "timeout"
+    #: system errors on every try
+    INTERNAL_ERROR = "internal_error"
+    CANCELLED = "cancelled"
+
+
+@dataclass
+class JobResult:
+    id: int
+    name: str
+    outcome: Outcome
+    #: the closing message written to the output file
+    message: str
+    output_file: str
+    #: the autodriver's exit code, when it ran
+    exit_status: int | None
+    #: Tango's step results of the last try: waitvm, copyin, runjob, copyout
+    steps: dict[str, int | None]
+    retries: int
+    #: why each failed try failed
+    failures: list[str]
+    #: False only when even the output file could not be written
+    output_written: bool
+    submitted_at: float
+    finished_at: float
+    #: seconds from "VM free and job queued" to runJob start, last try
+    dispatch_overhead: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "outcome": self.outcome.value,
+            "message": self.message,
+            "output_file": self.output_file,
+            "exit_status": self.exit_status,
+            "steps": dict(self.steps),
+            "retries": self.retries,
+            "failures": list(self.failures),
+            "output_written": self.output_written,
+            "elapsed": round(self.finished_at - self.submitted_at, 6),
+            "dispatch_overhead": self.dispatch_overhead,
+        }
+
+
+class JobHandle:
+    """What :meth:`Scheduler.submit` returns: await the result, or cancel."""
+
+    def __init__(self, job: TangoJob, pool: Pool) -> None:
+        assert job.id is not None
+        self.job = job
+        self.id: int = job.id
+        self.pool = pool
+        self.state = JobState.QUEUED
+        self.result: JobResult | None = None
+        self.submitted_at = time.monotonic()
+        self.vm: TangoMachine | None = None
+        self._scope = anyio.CancelScope()
+        self._cancel_reason: str | None = None
+        self._done = anyio.Event()
+
+    def done(self) -> bool:
+        return self.result is not None
+
+    async def wait(self) -> JobResult:
+        """Wait until the job has ended (its output file is in place)."""
+        await self._done.wait()
+        assert self.result is not None
+        return self.result
+
+    def cancel(self, reason: str = "cancelled by request") -> bool:
+        """Cancel the job in whatever state it is. False if it had already ended.
+
+        A queued job leaves its queue; a running one is cancelled where it
+        stands and its VM destroyed. Either way it ends with an output file
+        that says it was cancelled.
+        """
+        if self.result is not None:
+            return False
+        if self._cancel_reason is None:
+            self._cancel_reason = reason
+        self._scope.cancel()
+        return True
+
+    def __repr__(self) -> str:
+        return f"<JobHandle {self.job.name}:{self.id} {self.state.value}>"
+
+
+@dataclass
+class Counters:
+    """Tango's ``/info`` counters plus outcome counts."""
+
+    job_requests: int = 0
+    job_retries: int = 0
+    waitvm_timeouts: int = 0
+    runjob_timeouts: int = 0
+    copyin_errors: int = 0
+    runjob_errors: int = 0
+    copyout_errors: int = 0
+    outcomes: dict[str, int] = field(default_factory=lambda: {o.value: 0 for o in Outcome})
+
+
+class _SystemFailure(Exception):
+    """One try failed for a reason that is not the job's: retry on a fresh VM."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class _Final:
+    outcome: Outcome
+    message: str
+    exit_status: int | None = None
+    feedback: str | None = None
+    extra: list[str] = field(default_factory=list)
+
+
+OnDone = Callable[[JobHandle], Awaitable[None] | None]
+
+
+class Scheduler:
+    """Runs jobs on VMs taken from pools.
+
+    ``pool_for`` maps a job to its pool (made on first use by the caller);
+    ``task_group`` owns every job task. ``on_done`` hooks run after a job's
+    output file is in place (the HTTP server hangs its callbacks there).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        pool_for: Callable[[TangoJob], Pool],
+        task_group: anyio.abc.TaskGroup,
+        *,
+        first_job_id: int = 1,
+        on_done: list[OnDone] | None = None,
+    ) -> None:
+        self.settings = settings
+        self._pool_for = pool_for
+        self._tg = task_group
+        self._next_id = first_job_id
+        self.on_done: list[OnDone] = list(on_done or [])
+        self.counters = Counters()
+        self.live: dict[int, JobHandle] = {}
+        self._closing = False
+        self._idle_events: list[anyio.Event] = []
+        self.started_at = time.time()
+
+    # -------------------------------------------------------------- submit
+
+    def validate(self, job: TangoJob) -> None:
+        """Raise one JobError naming every problem with ``job``."""
+        problems: list[str] = []
+        if not job.name or not isinstance(job.name, str):
+            problems.append("job has no name")
+        if not job.vm or not job.vm.image:
+            problems.append("job names no image")
+        if not job.outputFile:
+            problems.append("job has no output file")
+        else:
+            out_dir = os.path.dirname(os.path.abspath(job.outputFile))
+            if not os.path.isdir(out_dir):
+                problems.append(f"output directory {out_dir} does not exist")
+        if not isinstance(job.timeout, int | float) or job.timeout < 0:
+            problems.append(f"timeout must be a number >= 0, got {job.timeout!r}")
+        if not isinstance(job.maxOutputFileSize, int) or job.maxOutputFileSize < 0:
+            problems.append(
+                f"maxOutputFileSize must be an int >= 0, got {job.maxOutputFileSize!r}"
+            )
+        try:
+            check_input_files(job.input)
+        except JobError as e:
+            problems.extend(e.problems)
+        for f in job.input:
+            if not os.path.isfile(f.localFile):
+                problems.append(f"input file {f.localFile} does not exist")
+        if job.input and not any(f.destFile == "Makefile" for f in job.input):
+            problems.append("no input file has destFile 'Makefile'")
+        if problems:
+            raise JobError(problems)
+
+    def submit(self, job: TangoJob) -> JobHandle:
+        """Accept ``job`` and return at once with its handle.
+
+        Raises JobError (naming every problem) if the job cannot run, and
+        PoolClosedError once the scheduler is closing.
+        """
+        if self._closing:
+            raise PoolClosedError("the scheduler is closed and takes no more jobs")
+        self.validate(job)
+        pool = self._pool_for(job)
+        if job.id is None:
+            job.id = self._next_id
+            self._next_id += 1
+        else:
+            self._next_id = max(self._next_id, job.id + 1)
+        handle = JobHandle(job, pool)
+        self.live[handle.id] = handle
+        self.counters.job_requests += 1
+        job.log(f"Added job {job.name}:{job.id} to queue")
+        self._tg.start_soon(self._run, handle)
+        return handle
+
+    # ------------------------------------------------------------ shutdown
+
+    async def join(self) -> None:
+        """Wait until every accepted job has ended."""
+        while self.live:
+            ev = anyio.Event()
+            self._idle_events.append(ev)
+            await ev.wait()
+
+    async def close(self, *, cancel: bool = True) -> None:
+        """Take no more jobs; cancel (or, with ``cancel=False``, finish) the rest."""
+        self._closing = True
+        if cancel:
+            for h in list(self.live.values()):
+                h.cancel("vmpool is shutting down")
+        await self.join()
+
+    # ------------------------------------------------------------ job flow
+
+    async def _run(self, h: JobHandle) -> None:
+        final: _Final | None = None
+        failures: list[str] = []
+        steps: dict[str, int | None] = _fresh_steps()
+        overhead: list[float] = []
+        try:
+            with h._scope:
+                final = await self._tries(h, failures, steps, overhead)
+        except Exception as e:
+            # A bug of ours, not the driver's (those are caught per try): the
+            # job still ends, and says so.
+            log.exception("job %s:%s: unexpected error", h.job.name, h.id)
+            final = _Final(Outcome.INTERNAL_ERROR, f"Internal error: {type(e).__name__}: {e}")
+        finally:
+            with anyio.CancelScope(shield=True):
+                if final is None:
+                    reason = h._cancel_reason or "vmpool is shutting down"
+                    final = _Final(Outcome.CANCELLED, f"Error: Job cancelled ({reason})")
+                await self._finish(h, final, failures, steps, overhead)
+
+    async def _tries(
+        self,
+        h: JobHandle,
+        failures: list[str],
+        steps: dict[str, int | None],
+        overhead: list[float],
+    ) -> _Final:
+        job = h.job
+        while True:
+            steps.update(_fresh_steps())
+            try:
+                return await self._try_once(h, steps, overhead)
+            except _SystemFailure as f:
+                failures.append(f.reason)
+                job.log(f"Job {job.name}:{job.id} failed: {f.reason}")
+                log.warning("job %s:%s try %d failed: %s", job.name, job.id, job.retries + 1,
+                            f.reason)
+            if job.retries >= self.settings.job_retries:
+                n = self.settings.job_retries
+                return _Final(
+                    Outcome.INTERNAL_ERROR,
+                    f"Internal error: Unable to complete job after {n} tries. Please resubmit",
+                    extra=[
+                        "Job status: waitVM={} copyIn={} runJob={} copyOut={}".format(
+                            steps["waitvm"], steps["copyin"], steps["runjob"], steps["copyout"]
+                        )
+                    ],
+                )
+            job.retries += 1
+            self.counters.job_retries += 1
+            h.state = JobState.QUEUED
+
+    async def _try_once(
+        self, h: JobHandle, steps: dict[str, int | None], overhead: list[float]
+    ) -> _Final:
+        job, pool, s = h.job, h.pool, self.settings
+        driver = pool.driver
+        queued_at = time.monotonic()
+        try:
+            lease = await pool.acquire(front=job.retries > 0)
+        except VMMSError as e:
+            raise _SystemFailure(f"Internal error: initializeVM failed: {e}") from None
+        except PoolClosedError:
+            reason = h._cancel_reason or f"pool {pool.spec.key} was closed"
+            return _Final(Outcome.CANCELLED, f"Error: Job cancelled ({reason})")
+        vm = lease.vm
+        h.vm = vm
+        h.state = JobState.RUNNING
+        job.assigned = True
+        vm_name = driver.instanceName(vm.id, vm.name)
+        job.log(f"Assigned job {job.name}:{job.id} existing VM {vm_name}")
+        healthy = False
+        feedback = temp_path_for(job.outputFile, f"vmpool-{job.id}-{job.retries}.feedback")
+        try:
+            # waitVM
+            try:
+                with anyio.fail_after(s.waitvm_timeout):
+                    await driver.waitVM(vm, s.waitvm_timeout)
+            except TimeoutError:
+                steps["waitvm"] = -1
+                self.counters.waitvm_timeouts += 1
+                raise _SystemFailure(
+                    f"Internal error: waitVM timeout after {s.waitvm_timeout:g} secs"
+                ) from None
+            except Exception as e:
+                steps["waitvm"] = -1
+                raise _SystemFailure(
+                    f"Internal error: VM {vm_name} not ready: {_desc(e)}"
+                ) from None
+            steps["waitvm"] = 0
+
+            # copyIn
+            try:
+                with anyio.fail_after(s.copyin_timeout):
+                    await driver.copyIn(vm, job.input)
+            except Exception as e:
+                status = e.status if isinstance(e, VMMSError) else -1
+                steps["copyin"] = status
+                self.counters.copyin_errors += 1
+                detail = (
+                    f"timed out after {s.copyin_timeout:g} s" if isinstance(e, TimeoutError)
+                    else _desc(e)
+                )
+                raise _SystemFailure(
+                    f"Error: Copy in to VM failed (status={status}): {detail}"
+                ) from None
+            steps["copyin"] = 0
+            job.log(f"Input copied for job {job.name}:{job.id} [status=0]")
+
+            # runJob: the autodriver stops the job at `timeout`; if runJob has
+            # not returned `runjob_grace` later, it is cancelled and the VM
+            # destroyed (by release below, as the VM is not healthy).
+            timeout = job.timeout or s.runjob_timeout
+            max_out = job.maxOutputFileSize or s.max_output_file_size
+            started = time.monotonic()
+            overhead.append(started - max(queued_at, lease.ready_at))
+            try:
+                with anyio.fail_after(timeout + s.runjob_grace):
+                    status = await driver.runJob(vm, timeout, max_out, job.disableNetwork)
+            except TimeoutError:
+                steps["runjob"] = -1
+                self.counters.runjob_timeouts += 1
+                job.log(f"Job {job.name}:{job.id} executed [status=-1]")
+                return _Final(
+                    Outcome.TIMEOUT,
+                    f"Error: Job timed out after {_secs(timeout)} seconds",
+                    feedback=None,
+                    extra=[
+                        f"runJob did not return within {_secs(timeout + s.runjob_grace)} s; "
+                        f"the job was stopped and VM {vm_name} destroyed"
+                    ],
+                )
+            except Exception as e:
+                steps["runjob"] = -1
+                self.counters.runjob_errors += 1
+                raise _SystemFailure(f"Internal error: runJob failed: {_desc(e)}") from None
+            steps["runjob"] = status
+            job.log(f"Job {job.name}:{job.id} executed [status={status}]")
+            if status == EXIT_OSERROR:
+                self.counters.runjob_errors += 1
+                raise _SystemFailure("Error: OS error while running job on VM")
+
+            # copyOut
+            try:
+                with anyio.fail_after(s.copyout_timeout):
+                    await driver.copyOut(vm, feedback)
+            except Exception as e:
+                status_out = e.status if isinstance(e, VMMSError) else -1
+                steps["copyout"] = status_out
+                self.counters.copyout_errors += 1
+                detail = (
+                    f"timed out after {s.copyout_timeout:g} s" if isinstance(e, TimeoutError)
+                    else _desc(e)
+                )
+                _unlink(feedback)
+                raise _SystemFailure(
+                    f"Error: Copy out from VM failed (status={status_out}): {detail}"
+                ) from None
+            steps["copyout"] = 0
+            job.log(f"Output copied for job {job.name}:{job.id} [status=0]")
+
+            if status == EXIT_OK:
+                healthy = True
+                return _Final(Outcome.SUCCESS, "Success: Autodriver returned normally",
+                              status, feedback)
+            if status == EXIT_TIMEOUT:
+                self.counters.runjob_timeouts += 1
+                return _Final(Outcome.TIMEOUT,
+                              f"Error: Job timed out after {_secs(timeout)} seconds",
+                              status, feedback)
+            self.counters.runjob_errors += 1
+            if status == EXIT_USAGE:
+                return _Final(Outcome.ERROR, f"Error: Autodriver usage error (status={status})",
+                              status, feedback)
+            return _Final(Outcome.ERROR, f"Error: Unknown autodriver error (status={status})",
+                          status, feedback)
+        except BaseException:
+            _unlink(feedback)
+            raise
+        finally:
+            pool.release(lease, healthy=healthy)
+
+    async def _finish(
+        self,
+        h: JobHandle,
+        final: _Final,
+        failures: list[str],
+        steps: dict[str, int | None],
+        overhead: list[float],
+    ) -> None:
+        job = h.job
+        lines = [autograder_line(f"Received job {job.name}:{job.id}")]
+        for i, reason in enumerate(failures, 1):
+            lines.append(autograder_line(f"Try {i} failed: {reason}"))
+        lines.append(autograder_line(final.message))
+        lines.extend(autograder_line(x) for x in final.extra)
+        lines.append(autograder_line(HERE_IS_OUTPUT))
+        written = True
+        try:
+            write_output_atomic(job.outputFile, "".join(lines), final.feedback)
+        except OSError as e:
+            written = False
+            log.error("job %s:%s: could not write output file %s: %s", job.name, job.id,
+                      job.outputFile, e)
+        finally:
+            if final.feedback is not None:
+                _unlink(final.feedback)
+        job.log(f"Job {job.name}:{job.id} finished: {final.message}")
+        h.result = JobResult(
+            id=h.id,
+            name=job.name,
+            outcome=final.outcome,
+            message=final.message,
+            output_file=job.outputFile,
+            exit_status=final.exit_status,
+            steps=dict(steps),
+            retries=job.retries,
+            failures=failures,
+            output_written=written,
+            submitted_at=h.submitted_at,
+            finished_at=time.monotonic(),
+            dispatch_overhead=overhead[-1] if overhead else None,
+        )
+        h.state = JobState.DONE
+        self.counters.outcomes[final.outcome.value] += 1
+        del self.live[h.id]
+        h._done.set()
+        if not self.live:
+            events, self._idle_events = self._idle_events, []
+            for ev in events:
+                ev.set()
+        for hook in self.on_done:
+            try:
+                r = hook(h)
+                if inspect.isawaitable(r):
+                    await r
+            except Exception:
+                log.exception("job %s:%s: on_done hook %r failed", job.name, job.id, hook)
+
+
+def _fresh_steps() -> dict[str, int | None]:
+    return {"waitvm": None, "copyin": None, "runjob": None, "copyout": None}
+
+
+def _desc(e: BaseException) -> str:
+    text = str(e)
+    if isinstance(e, VMMSError):
+        return text or type(e).__name__
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _secs(t: float) -> str:
+    return str(int(t)) if float(t).is_integer() else f"{t:g}"
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

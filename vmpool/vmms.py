@@ -1,0 +1,147 @@
+"""The VMMS contract: what every driver implements.
+
+The eight methods keep Tango's names and parameters; in vmpool each one is a
+coroutine. A driver knows one VM at a time and nothing of pools, queues or
+retries (that is policy, and policy lives in :mod:`vmpool.pool` and
+:mod:`vmpool.scheduler`).
+
+Failure is signalled by raising the typed errors of :mod:`vmpool.errors`,
+never by a ``-1`` return value. Deadlines are enforced by the caller through
+cancellation: a driver must tolerate being cancelled at any ``await`` and
+must not shield long work from cancellation.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import uuid
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+from .errors import UnsafePathError
+from .models import InputFile, TangoMachine
+
+#: Autodriver exit codes (Tango's).
+EXIT_OK = 0
+EXIT_USAGE = 1
+EXIT_TIMEOUT = 2
+EXIT_OSERROR = 3
+
+
+class VMMS(abc.ABC):
+    """A virtual machine management system.
+
+    ``owner`` identifies the manager that created a VM: drivers attach it to
+    every VM they create (label, tag, directory name) so that ``getVMs`` can
+    find them again after a crash.
+    """
+
+    #: name under which the driver is registered (entry point name)
+    driver_name: ClassVar[str] = "abstract"
+
+    def __init__(self, *, owner: str | None = None, prefix: str = "local") -> None:
+        self.owner = owner or uuid.uuid4().hex[:12]
+        self.prefix = prefix
+
+    def instanceName(self, id: int | None, name: str) -> str:
+        """Tango's instance name: ``<prefix>-<id>-<name>``."""
+        return f"{self.prefix}-{id}-{name}"
+
+    @abc.abstractmethod
+    async def initializeVM(self, vm: TangoMachine) -> None:
+        """Create the VM described by ``vm``; raise InitializeVMError on failure."""
+
+    @abc.abstractmethod
+    async def waitVM(self, vm: TangoMachine, max_secs: float) -> None:
+        """Return once the VM can run jobs; raise VMNotReadyError if it cannot.
+
+        The caller also bounds this call by ``max_secs`` through cancellation.
+        """
+
+    @abc.abstractmethod
+    async def copyIn(self, vm: TangoMachine, inputFiles: Sequence[InputFile]) -> None:
+        """Copy each ``localFile`` to ``destFile`` in the VM's job directory.
+
+        Must reject an unsafe ``destFile`` (see :func:`check_dest_name`)
+        before touching the VM. Raises CopyInError on failure.
+        """
+
+    @abc.abstractmethod
+    async def runJob(
+        self,
+        vm: TangoMachine,
+        runTimeout: float,
+        maxOutputFileSize: int,
+        disableNetwork: bool,
+    ) -> int:
+        """Run the autodriver; return its exit code (0 ok, 1 usage, 2 timeout, 3 OS error).
+
+        The autodriver's output becomes the feedback file read by copyOut.
+        Raises RunJobError when the autodriver could not be run at all.
+        """
+
+    @abc.abstractmethod
+    async def copyOut(self, vm: TangoMachine, destFile: str) -> None:
+        """Write the feedback file of the last runJob to ``destFile`` on the host."""
+
+    @abc.abstractmethod
+    async def destroyVM(self, vm: TangoMachine) -> None:
+        """Remove the VM."""
+
+    async def safeDestroyVM(self, vm: TangoMachine) -> None:
+        """Remove the VM and make sure it is gone (raise DestroyVMError if not)."""
+        await self.destroyVM(vm)
+
+    @abc.abstractmethod
+    async def getVMs(self) -> list[TangoMachine]:
+        """Every VM this driver's owner has (used to find leaks and orphans)."""
+
+    async def getOrphans(self, known_owners: Sequence[str] | None = None) -> list[TangoMachine]:
+        """VMs left behind by a manager that is gone (same driver, any owner).
+
+        The default finds none; drivers whose VMs outlive the process (Docker
+        containers, sandboxes on disk, EC2 instances) override it.
+        """
+        return []
+
+    async def close(self) -> None:  # noqa: B027 - optional hook, empty by default
+        """Release the driver's own resources (connections, clients)."""
+
+    def describe(self) -> dict[str, Any]:
+        """A short description for status pages."""
+        return {"driver": self.driver_name, "owner": self.owner}
+
+
+def check_dest_name(dest: str) -> str:
+    """Validate a ``destFile`` name: relative, inside the job directory.
+
+    Returns the normalised name or raises :class:`UnsafePathError` naming the
+    problem. ``a/b`` is allowed (a subdirectory of the job), ``..``, absolute
+    paths, empty names and NUL bytes are not.
+    """
+    if not isinstance(dest, str) or dest == "":
+        raise UnsafePathError("destFile is empty")
+    if "\x00" in dest:
+        raise UnsafePathError(f"destFile {dest!r} contains a NUL byte")
+    if dest.startswith("/") or dest.startswith("\\"):
+        raise UnsafePathError(f"destFile {dest!r} is an absolute path")
+    parts = dest.replace("\\", "/").split("/")
+    if any(p == ".." for p in parts):
+        raise UnsafePathError(f"destFile {dest!r} contains '..'")
+    norm = os.path.normpath(dest)
+    if norm in (".", "") or norm.startswith(".."):
+        raise UnsafePathError(f"destFile {dest!r} does not name a file in the job directory")
+    return norm
+
+
+def check_input_files(files: Sequence[InputFile]) -> None:
+    """Validate every destFile; raise one UnsafePathError naming each bad one."""
+    problems: list[str] = []
+    for f in files:
+        try:
+            check_dest_name(f.destFile)
+        except UnsafePathError as e:
+            problems.extend(e.problems)
+    if problems:
+        raise UnsafePathError(problems)
