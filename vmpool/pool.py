@@ -332,9 +332,14 @@ class Pool:
                 rec = fut.result()
                 self._n_busy -= 1
                 self._make_available(rec)
-            elif not fut.done():
+                self._refill()
+            elif not fut.done() or fut.cancelled():
+                # Our own cancellation (the future is cancelled with the task):
+                # leave the line. Futures given an exception were counted out
+                # by whoever gave it.
                 fut.cancel()
-                self._n_waiting -= 1
+                if not self._closing:
+                    self._n_waiting -= 1
                 self._refill()
             raise
         return Lease(rec.vm, rec.ready_at)
@@ -359,6 +364,7 @@ class Pool:
             and self.reuse
             and not self._closing
             and self._n_active() + 1 <= self.max_size
+            and (self._n_waiting > 0 or len(self._free) < self.min_idle)
         )
         if keep:
             self._make_available(rec)
@@ -372,8 +378,9 @@ class Pool:
         """Set the pool's size (Tango's prealloc: SET, not add). Returns at once.
 
         ``size`` warm VMs are kept; the cap on VMs becomes ``max_size`` (by
-        default ``size``, at least 1 so that queued jobs can still run).
-        Extra idle VMs are destroyed now, extra busy ones when their job ends.
+        default ``size``, at least 1 so that queued jobs can still run on a
+        VM made for them). Extra idle VMs are destroyed now, extra busy ones
+        when their job ends.
         """
         if not isinstance(size, int) or size < 0:
             raise ValueError(f"pool {self.spec.key}: size must be an int >= 0, got {size!r}")
@@ -406,11 +413,12 @@ class Pool:
             finally:
                 self.reuse = reuse
 
-    async def close(self) -> None:
+    async def close(self, *, busy_grace: float = 10.0) -> None:
         """Destroy every VM, fail waiting jobs, await every background task.
 
-        Busy VMs are destroyed when their job releases them: close the
-        scheduler (which cancels its jobs) before its pools.
+        Busy VMs are destroyed when their job releases them (close the
+        scheduler, which cancels its jobs, before its pools); one still held
+        ``busy_grace`` seconds later is destroyed under its holder.
         """
         if not self._closing:
             self._closing = True
@@ -425,6 +433,14 @@ class Pool:
                 self._cancel_creation(rec)
             while self._free:
                 self._start_destroy(self._free.popleft(), "pool closing")
+        with anyio.move_on_after(busy_grace):
+            await self._wait_until(lambda: self._n_busy == 0)
+        for rec in list(self._vms.values()):
+            if rec.state is VMState.BUSY:
+                log.warning("pool %s: VM %s still held at close; destroying it", self.spec.key,
+                            rec.vm.id)
+                self._n_busy -= 1
+                self._start_destroy(rec, "held past close")
         await self._wait_until(lambda: self._n_tasks == 0 and not self._live_records())
         # Anything whose destroy failed every time gets one last safe destroy.
         for rec in list(self._vms.values()):
@@ -498,11 +514,25 @@ class Pool:
         for ev in events:
             ev.set()
 
+    async def wait_until(self, cond: Callable[[PoolStatus], bool]) -> PoolStatus:
+        """Wait (no polling) until ``cond(status)`` holds; returns that status.
+
+        Bound it with a cancel scope: ``with anyio.fail_after(5): ...``.
+        """
+        while True:
+            st = self.status()
+            if cond(st):
+                return st
+            await self._wait_change()
+
+    async def _wait_change(self) -> None:
+        ev = anyio.Event()
+        self._change_events.append(ev)
+        await ev.wait()
+
     async def _wait_until(self, cond: Callable[[], bool]) -> None:
         while not cond():
-            ev = anyio.Event()
-            self._change_events.append(ev)
-            await ev.wait()
+            await self._wait_change()
 
     def _spawn(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
         assert self._tg is not None
@@ -520,12 +550,23 @@ class Pool:
             self._changed()
 
     def _refill(self) -> None:
-        """Start whatever creations or destroys bring the pool to its target."""
+        """Start whatever creations or destroys bring the pool to its target.
+
+        Called after every change of state; it also wakes whoever waits in
+        :meth:`wait_until`.
+        """
+        try:
+            self._rebalance()
+        finally:
+            self._changed()
+
+    def _rebalance(self) -> None:
         if self._tg is None or self._closing:
             return
-        # Shrink: idle VMs over the cap go first, then creations in flight.
+        # Shrink: idle VMs over the cap or over the warm target go first,
+        # then creations in flight over the cap.
         excess = self._n_active() - self.max_size
-        while excess > 0 and self._free:
+        while self._free and (excess > 0 or len(self._free) > self.min_idle):
             self._start_destroy(self._free.pop(), "pool shrunk")
             excess -= 1
         if excess > 0:

@@ -278,7 +278,10 @@ class Scheduler:
         overhead: list[float] = []
         try:
             with h._scope:
-                final = await self._tries(h, failures, steps, overhead)
+                # cancelled before it started: a cancel scope only acts at an
+                # await, and a fast driver may never reach one
+                if not h._scope.cancel_called:
+                    final = await self._tries(h, failures, steps, overhead)
         except Exception as e:
             # A bug of ours, not the driver's (those are caught per try): the
             # job still ends, and says so.

@@ -168,6 +168,7 @@ class SimVMMS(VMMS):
         self.world = world or SimWorld()
         self.calls: Counter[str] = Counter()
         self.faults_fired: Counter[str] = Counter()
+        self._call_waiters: list[anyio.Event] = []
 
     # -------------------------------------------------------------- helpers
 
@@ -175,6 +176,13 @@ class SimVMMS(VMMS):
     def live(self) -> dict[str, TangoMachine]:
         """Live VMs of this driver's owner, by instance name."""
         return {k: v for k, v in self.world.live.items() if self.world.owners[k] == self.owner}
+
+    async def wait_for_calls(self, method: str, n: int) -> None:
+        """Wait (no polling) until ``method`` has been called ``n`` times."""
+        while self.calls[method] < n:
+            ev = anyio.Event()
+            self._call_waiters.append(ev)
+            await ev.wait()
 
     def add_fault(self, rule: FaultRule) -> FaultRule:
         self.faults.append(rule)
@@ -193,6 +201,10 @@ class SimVMMS(VMMS):
         stops the job then, as the real one does), else None.
         """
         self.calls[method] += 1
+        if self._call_waiters:
+            waiters, self._call_waiters = self._call_waiters, []
+            for ev in waiters:
+                ev.set()
         for rule in self.faults:
             if rule.method != method or (rule.times is not None and rule.fired >= rule.times):
                 continue

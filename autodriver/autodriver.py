@@ -1,0 +1,1208 @@
+#!/usr/bin/env python3
+"""vmpool autodriver: run ``make`` for one grading job, under limits.
+
+This file is copied into every VM, sandbox or container and run there as
+``python3 autodriver.py [options] DIRECTORY``.  It must stay one file, use the
+standard library only and run on any python3 >= 3.8 (grading images carry old
+Pythons), so no ``match``, no runtime ``X | Y`` types, no 3.9+ APIs.
+
+Command line (compatible with Tango's C autodriver)::
+
+    autodriver [-u nproc] [-f fsize] [-t timeout] [-o osize]
+               [--mem BYTES] [--cpu SECONDS] [--user NAME] [--output FILE]
+               [--no-cleanup] [--no-cgroup] DIRECTORY
+
+0 means unlimited for every limit.  Exit codes: 0 the job finished (whatever
+``make`` returned), 1 usage error, 2 timeout, 3 OS error (fork/exec failed,
+processes could not be killed, the autodriver itself was signalled, the
+feedback could not be written).  Every message of ours is one line
+``Autodriver: <msg>``.
+
+What it does, in order:
+
+1. Checks the grading user (``--user``, default ``autograde``): it must exist
+   and not be uid 0.  Running as root, the job runs as that user; running as
+   the grading user itself, the job runs without switching; anything else is a
+   usage error.
+2. As root: ``lchown``s DIRECTORY and everything in it to the grading user
+   (never following symlinks, never leaving the file system, skipping files
+   with several hard links so a planted link cannot hand a system file over).
+3. Forks ``make`` in DIRECTORY in a new session with stdin ``/dev/null``,
+   stdout and stderr on one pipe, RLIMIT_NPROC/FSIZE/CPU/CORE (and the memory
+   limit, below) set, supplementary groups dropped and real, effective and
+   saved uid/gid set to the grading user before ``exec``.
+4. Reads the pipe in large chunks, keeping only the first osize/2 and a
+   rolling last osize/2 bytes (the output is capped while it is produced,
+   memory stays bounded, nothing is written to disk).
+5. When ``make`` exits, or the timeout expires, or the autodriver gets
+   SIGTERM/SIGINT/SIGHUP, kills every process of the job (see below), reads
+   what is left in the pipe, removes the grading user's files and prints the
+   feedback: status line(s) first, then the (capped) output.
+
+Process tracking and killing.  The grading uid is dedicated to the job, so as
+root "the job" is every process whose real, effective or saved uid is the
+grading uid, wherever it is in the process tree (setsid, double fork and
+daemons cannot leave a uid).  The kill forks a helper that drops to the
+grading uid and calls ``kill(-1, SIGKILL)``: the kernel signals every process
+that uid may signal while holding the task list lock, so even a fork bomb
+cannot outrun it.  This is repeated, with a /proc scan after each round, until
+no such process is left (bounded, ~3 s); then remaining pids are killed
+directly; if some still survive: ``Gave up killing user processes``, exit 3.
+The autodriver also makes itself a child subreaper, so orphans of the job are
+re-parented to it and reaped (and, when running as the grading user without
+root, the job is "every descendant of the autodriver").  When a writable
+cgroup (v2, or v1 for memory) is available the job is also put in its own
+cgroup, which is killed and scanned as well.
+
+Memory (``--mem``).  If a cgroup with the memory controller can be used, the
+whole job gets ``memory.max`` (v2) / ``memory.limit_in_bytes`` (v1), swap 0,
+and an OOM kill is read from the cgroup's counters.  Otherwise every process
+gets RLIMIT_AS = mem; an allocation beyond it fails, and the failure is
+recognised in the output (``MemoryError``, ``std::bad_alloc``, ``Cannot
+allocate memory`` ...).  Either way the feedback then has the line
+``Autodriver: memory limit of N bytes exceeded``.  Note RLIMIT_AS counts
+address space, not memory in use: JVMs and Go programs reserve a lot, so give
+them a generous limit when no cgroup is available.
+
+Cleanup.  As root, after every process is gone, files owned by the grading
+uid are removed from DIRECTORY (the directory itself stays), /tmp, /var/tmp
+and /dev/shm: symlinks are removed, never followed; each tree is walked with
+directory fds, on its own file system only.  The ``--output`` file is never
+removed.  Running as the grading user without root nothing is deleted: the
+autodriver cannot tell the job's files from its caller's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import fcntl
+import math
+import os
+import pwd
+import resource
+import select
+import signal
+import stat
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import IO, NoReturn
+
+EXIT_OK = 0
+EXIT_USAGE = 1
+EXIT_TIMEOUT = 2
+EXIT_OSERROR = 3
+
+HEADER = "Autodriver: "
+ELISION = b"\n...[excess bytes elided]...\n"  # exactly Tango's marker
+DEFAULT_USER = "autograde"
+READ_CHUNK = 1 << 20  # read the job's pipe in chunks of up to 1 MiB
+PIPE_SIZE = 1 << 20  # and ask for a 1 MiB pipe buffer, so each read gets a lot
+F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ only exists from Python 3.10
+PR_SET_CHILD_SUBREAPER = 36
+SPOOL_MEMORY = 8 << 20  # unlimited output (-o 0): spill to an unlinked file past 8 MiB
+KILL_SECONDS = 3.0  # how long to keep killing before giving up
+MAX_TREE_DEPTH = 512  # deepest directory level chown/cleanup descend to
+CLEAN_ROOTS = ("/tmp", "/var/tmp", "/dev/shm")
+MAKE_VARS = ("MAKEFLAGS", "MFLAGS", "GNUMAKEFLAGS", "MAKELEVEL", "MAKEOVERRIDES")
+# Directories that are never acceptable as a job directory when running as
+# root: the job directory is chowned to the grading user and emptied.
+FORBIDDEN_DIRS = frozenset(
+    (
+        "/",
+        "/bin",
+        "/boot",
+        "/dev",
+        "/etc",
+        "/home",
+        "/lib",
+        "/lib32",
+        "/lib64",
+        "/libx32",
+        "/media",
+        "/mnt",
+        "/opt",
+        "/proc",
+        "/root",
+        "/run",
+        "/sbin",
+        "/srv",
+        "/sys",
+        "/tmp",
+        "/usr",
+        "/var",
+        "/var/tmp",
+        "/dev/shm",
+    )
+)
+# How programs report a failed allocation (recognised only with --mem).
+OOM_PATTERNS = (
+    b"MemoryError",
+    b"Cannot allocate memory",
+    b"cannot allocate memory",
+    b"std::bad_alloc",
+    b"OutOfMemoryError",
+    b"out of memory",
+    b"Out of memory",
+    b"memory exhausted",
+)
+
+
+class UsageError(Exception):
+    """Bad command line or environment: ``Autodriver: <msg>``, exit 1."""
+
+
+class OSFailure(Exception):
+    """The autodriver could not do its job: ``Autodriver: <msg>``, exit 3."""
+
+
+# --------------------------------------------------------------------------
+# Command line
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+_UNITS = (
+    ("kib", 1 << 10),
+    ("mib", 1 << 20),
+    ("gib", 1 << 30),
+    ("kb", 10**3),
+    ("mb", 10**6),
+    ("gb", 10**9),
+    ("k", 1 << 10),
+    ("m", 1 << 20),
+    ("g", 1 << 30),
+    ("b", 1),
+)
+
+
+def parse_size(text: str) -> int:
+    """Bytes: ``1048576``, ``100MB`` (10**6), ``100M`` / ``100MiB`` (2**20)."""
+    low = text.strip().lower()
+    mult = 1
+    for suffix, factor in _UNITS:
+        if low.endswith(suffix):
+            low, mult = low[: -len(suffix)].strip(), factor
+            break
+    try:
+        value = int(low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: must not be negative")
+    return value * mult
+
+
+def parse_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}: must not be negative")
+    return value
+
+
+def parse_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid time {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"invalid time {text!r}: must be >= 0")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="autodriver",
+        description="Run `make` in DIRECTORY as the grading user, under limits. 0 = unlimited.",
+    )
+    p.add_argument(
+        "-u",
+        "--nproc",
+        type=parse_count,
+        default=0,
+        metavar="NPROC",
+        help="limit on the grading user's processes (RLIMIT_NPROC)",
+    )
+    p.add_argument(
+        "-f",
+        "--fsize",
+        type=parse_size,
+        default=0,
+        metavar="BYTES",
+        help="largest file the job may write (RLIMIT_FSIZE)",
+    )
+    p.add_argument(
+        "-t",
+        "--timeout",
+        type=parse_seconds,
+        default=0.0,
+        metavar="SECONDS",
+        help="wall-clock limit for the whole job",
+    )
+    p.add_argument(
+        "-o",
+        "--osize",
+        type=parse_size,
+        default=0,
+        metavar="BYTES",
+        help="output cap: first and last BYTES/2 are kept",
+    )
+    p.add_argument(
+        "--mem",
+        type=parse_size,
+        default=0,
+        metavar="BYTES",
+        help="memory limit (cgroup if available, else RLIMIT_AS per process)",
+    )
+    p.add_argument(
+        "--cpu",
+        type=parse_count,
+        default=0,
+        metavar="SECONDS",
+        help="CPU time limit per process (RLIMIT_CPU)",
+    )
+    p.add_argument(
+        "--user",
+        default=DEFAULT_USER,
+        metavar="NAME",
+        help=f"grading user (default {DEFAULT_USER})",
+    )
+    p.add_argument(
+        "--output",
+        default=None,
+        metavar="FILE",
+        help="write the feedback to FILE instead of standard output",
+    )
+    p.add_argument(
+        "--no-cleanup",
+        action="store_true",
+        help="keep the grading user's files (processes are killed anyway)",
+    )
+    p.add_argument(
+        "--no-cgroup", action="store_true", help="do not use cgroups, only rlimits and the uid"
+    )
+    p.add_argument("directory", metavar="DIRECTORY", help="job directory holding the Makefile")
+    return p
+
+
+def format_seconds(value: float) -> str:
+    """Tango prints whole seconds with %d; keep that, show fractions if given."""
+    if value == int(value):
+        return str(int(value))
+    return format(value, "g")
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+# --------------------------------------------------------------------------
+# Output capture
+
+
+class Capture:
+    """The job's output, capped while it is produced.
+
+    With a cap, at most ``limit`` bytes (plus one read chunk) are ever held:
+    everything while the total is within the cap, then the first ``limit//2``
+    bytes and a rolling window of the last ``limit//2`` bytes.  Without a cap
+    (0) the output is spooled, to an unlinked temporary file past 8 MiB.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.half = limit // 2
+        self.total = 0
+        self.elided = False
+        self.head = bytearray()
+        self.tail = bytearray()
+        self.spool: IO[bytes] | None = None
+        if limit == 0:
+            self.spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY)  # noqa: SIM115
+
+    def feed(self, data: bytes) -> None:
+        self.total += len(data)
+        if self.spool is not None:
+            self.spool.write(data)
+        elif self.elided:
+            self._push_tail(data)
+        elif self.total <= self.limit:
+            self.head += data
+        else:
+            keep = self.half - len(self.head)
+            if keep < 0:
+                rest = self.head[self.half :]
+                del self.head[self.half :]
+                self._push_tail(bytes(rest))
+                self._push_tail(data)
+            else:
+                self.head += data[:keep]
+                self._push_tail(data[keep:])
+            self.elided = True
+
+    def _push_tail(self, data: bytes) -> None:
+        if self.half == 0:
+            return
+        if len(data) >= self.half:
+            self.tail = bytearray(data[len(data) - self.half :])
+            return
+        self.tail += data
+        excess = len(self.tail) - self.half
+        if excess > 0:
+            del self.tail[:excess]
+
+    def chunks(self) -> Iterator[bytes]:
+        """The feedback body: everything, or head + Tango's marker + tail."""
+        if self.spool is not None:
+            self.spool.seek(0)
+            while True:
+                block = self.spool.read(READ_CHUNK)
+                if not block:
+                    return
+                yield block
+        yield bytes(self.head)
+        if self.elided:
+            yield ELISION
+            yield bytes(self.tail)
+
+    def sample(self) -> list[bytes]:
+        """Bounded pieces of the output, to look for allocation failures in."""
+        if self.spool is None:
+            return [bytes(self.head), bytes(self.tail)]
+        pieces = []
+        self.spool.seek(0)
+        pieces.append(self.spool.read(READ_CHUNK))
+        if self.total > READ_CHUNK:
+            self.spool.seek(max(READ_CHUNK, self.total - READ_CHUNK))
+            pieces.append(self.spool.read(READ_CHUNK))
+        return pieces
+
+    def close(self) -> None:
+        if self.spool is not None:
+            self.spool.close()
+
+
+# --------------------------------------------------------------------------
+# /proc
+
+
+class Proc:
+    __slots__ = ("pid", "ppid", "state", "uids")
+
+    def __init__(self, pid: int, ppid: int, state: str, uids: tuple[int, ...]) -> None:
+        self.pid = pid
+        self.ppid = ppid
+        self.state = state
+        self.uids = uids
+
+    @property
+    def alive(self) -> bool:
+        """Zombies (Z) and dead tasks (X) hold no resources and run nothing."""
+        return self.state not in ("Z", "X")
+
+
+def read_proc(pid: int) -> Proc | None:
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    state = "?"
+    ppid = 0
+    uids: tuple[int, ...] = ()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key == "State":
+            state = value.strip()[:1]
+        elif key == "PPid":
+            ppid = int(value.split()[0])
+        elif key == "Uid":
+            uids = tuple(int(v) for v in value.split()[:3])  # real, effective, saved
+    return Proc(pid, ppid, state, uids)
+
+
+def all_procs() -> list[Proc]:
+    procs = []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return []
+    for name in names:
+        if name.isdigit():
+            proc = read_proc(int(name))
+            if proc is not None:
+                procs.append(proc)
+    return procs
+
+
+def set_child_subreaper() -> bool:
+    """Orphans of the job become our children (not init's): we see and reap them."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
+    except Exception:
+        return False
+
+
+# --------------------------------------------------------------------------
+# cgroups (best effort: used when writable, never required)
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _write(path: str, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+class Cgroup:
+    def __init__(self, path: str, version: int) -> None:
+        self.path = path
+        self.version = version
+        self.memory = False  # the memory limit is enforced here
+
+    def join(self, pid: int) -> None:
+        _write(os.path.join(self.path, "cgroup.procs"), str(pid))
+
+    def pids(self) -> list[int]:
+        try:
+            return [int(x) for x in _read(os.path.join(self.path, "cgroup.procs")).split()]
+        except (OSError, ValueError):
+            return []
+
+    def kill(self) -> None:
+        if self.version == 2:
+            try:
+                _write(os.path.join(self.path, "cgroup.kill"), "1")  # Linux >= 5.14
+                return
+            except OSError:
+                pass
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+    def set_memory(self, limit: int) -> bool:
+        try:
+            if self.version == 2:
+                _write(os.path.join(self.path, "memory.max"), str(limit))
+                for name, value in (("memory.swap.max", "0"), ("memory.oom.group", "1")):
+                    with contextlib.suppress(OSError):
+                        _write(os.path.join(self.path, name), value)
+            else:
+                _write(os.path.join(self.path, "memory.limit_in_bytes"), str(limit))
+                # memory+swap = memory: no swapping (only with swap accounting)
+                with contextlib.suppress(OSError):
+                    _write(os.path.join(self.path, "memory.memsw.limit_in_bytes"), str(limit))
+        except OSError:
+            return False
+        self.memory = True
+        return True
+
+    def oom_killed(self) -> bool:
+        if not self.memory:
+            return False
+        counters: dict[str, int] = {}
+        name = "memory.events" if self.version == 2 else "memory.oom_control"
+        try:
+            for line in _read(os.path.join(self.path, name)).splitlines():
+                parts = line.split()
+                if len(parts) == 2 and parts[1].isdigit():
+                    counters[parts[0]] = int(parts[1])
+        except OSError:
+            return False
+        if "oom_kill" in counters:
+            return counters["oom_kill"] > 0 or counters.get("oom_group_kill", 0) > 0
+        if self.version == 1:  # kernels < 4.13 have no oom_kill counter
+            try:
+                return int(_read(os.path.join(self.path, "memory.failcnt")).strip() or 0) > 0
+            except (OSError, ValueError):
+                return False
+        return False
+
+    def remove(self) -> None:
+        deadline = time.monotonic() + 1.0
+        while True:
+            try:
+                os.rmdir(self.path)
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                if time.monotonic() >= deadline:
+                    return
+                time.sleep(0.01)
+
+
+def _cgroup_dirs() -> tuple[str | None, str | None]:
+    """Our own cgroup's directory: (cgroup v2, cgroup v1 memory controller).
+
+    The job's cgroup is made inside our own, never elsewhere in the tree, so
+    the limits the VM or container put on us still apply to the job.
+    """
+    own: dict[str, str] = {}
+    try:
+        for line in _read("/proc/self/cgroup").splitlines():
+            parts = line.split(":", 2)
+            if len(parts) != 3:
+                continue
+            if parts[0] == "0" and parts[1] == "":
+                own["cgroup2"] = parts[2]
+            for ctrl in parts[1].split(","):
+                if ctrl:
+                    own[ctrl] = parts[2]
+        mounts = _read("/proc/self/mountinfo").splitlines()
+    except OSError:
+        return None, None
+    found: dict[str, str] = {}
+    for line in mounts:
+        left, sep, right = line.partition(" - ")
+        fields, rfields = left.split(), right.split()
+        if not sep or len(fields) < 5 or len(rfields) < 3:
+            continue
+        root, mountpoint, fstype = fields[3], fields[4], rfields[0]
+        if fstype == "cgroup2":
+            key = "cgroup2"
+        elif fstype == "cgroup" and "memory" in rfields[2].split(","):
+            key = "memory"
+        else:
+            continue
+        path = own.get(key)
+        if key in found or path is None:
+            continue
+        if root != "/":  # a bind mount of part of the hierarchy
+            if path != root and not path.startswith(root.rstrip("/") + "/"):
+                continue
+            path = path[len(root) :]
+        found[key] = os.path.normpath(mountpoint + "/" + path)
+    return found.get("cgroup2"), found.get("memory")
+
+
+def setup_cgroups(mem: int) -> list[Cgroup]:
+    """Make the job's cgroup(s); [] if none can be made (then rlimits do it all)."""
+    name = f"vmpool-autodriver-{os.getpid()}"
+    v2_parent, v1_parent = _cgroup_dirs()
+    groups: list[Cgroup] = []
+    v2: Cgroup | None = None
+    if v2_parent is not None:
+        try:
+            os.mkdir(os.path.join(v2_parent, name), 0o755)
+            v2 = Cgroup(os.path.join(v2_parent, name), 2)
+            groups.append(v2)
+        except OSError:
+            pass
+    if mem and v2 is not None and _has_word(os.path.join(v2.path, "cgroup.controllers"), "memory"):
+        v2.set_memory(mem)
+    if mem and (v2 is None or not v2.memory) and v1_parent is not None:
+        try:
+            os.mkdir(os.path.join(v1_parent, name), 0o755)
+        except OSError:
+            return groups
+        v1 = Cgroup(os.path.join(v1_parent, name), 1)
+        if v1.set_memory(mem):
+            groups.append(v1)
+        else:
+            v1.remove()
+    return groups
+
+
+def _has_word(path: str, word: str) -> bool:
+    try:
+        return word in _read(path).split()
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------
+# Directory trees (chown and cleanup), never following symlinks
+
+
+class _Frame:
+    __slots__ = ("entry", "fd", "names")
+
+    def __init__(self, fd: int, names: list[str], entry: tuple[str, os.stat_result] | None):
+        self.fd = fd
+        self.names = names
+        self.entry = entry
+
+
+def walk_tree(top: str) -> Iterator[tuple[int, str, os.stat_result]]:
+    """Yield ``(dir_fd, name, lstat)`` for everything under ``top``, children first.
+
+    Symlinks are reported, never followed; other file systems are not entered
+    (nor reported); directories are opened with O_NOFOLLOW relative to their
+    parent's fd, so a renamed or replaced path cannot redirect the walk.
+    """
+    try:
+        top_fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return
+    frames: list[_Frame] = []
+    try:
+        dev = os.fstat(top_fd).st_dev
+        frames.append(_Frame(top_fd, _listdir(top_fd), None))
+        while frames:
+            frame = frames[-1]
+            if not frame.names:
+                frames.pop()
+                os.close(frame.fd)
+                if frame.entry is not None and frames:
+                    yield frames[-1].fd, frame.entry[0], frame.entry[1]
+                continue
+            name = frame.names.pop()
+            try:
+                st = os.stat(name, dir_fd=frame.fd, follow_symlinks=False)
+            except OSError:
+                continue
+            if st.st_dev != dev:
+                continue
+            if stat.S_ISDIR(st.st_mode) and len(frames) < MAX_TREE_DEPTH:
+                try:
+                    fd = os.open(
+                        name,
+                        os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                        dir_fd=frame.fd,
+                    )
+                except OSError:
+                    yield frame.fd, name, st
+                    continue
+                frames.append(_Frame(fd, _listdir(fd), (name, st)))
+                continue
+            yield frame.fd, name, st
+    finally:
+        for frame in frames:
+            os.close(frame.fd)
+
+
+def _listdir(fd: int) -> list[str]:
+    try:
+        return os.listdir(fd)
+    except OSError:
+        return []
+
+
+def chown_tree(top: str, uid: int, gid: int, skip: set[tuple[int, int]]) -> None:
+    os.chown(top, uid, gid, follow_symlinks=False)
+    for dir_fd, name, st in walk_tree(top):
+        if (st.st_dev, st.st_ino) in skip:
+            continue
+        if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
+            continue  # a hard link may be a system file: do not give it away
+        os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+
+
+def remove_owned(top: str, uid: int, keep: set[tuple[int, int]]) -> int:
+    """Remove what ``uid`` owns under ``top`` (not ``top``); return how many failed."""
+    failed = 0
+    for dir_fd, name, st in walk_tree(top):
+        if st.st_uid != uid or (st.st_dev, st.st_ino) in keep:
+            continue
+        try:
+            if stat.S_ISDIR(st.st_mode):
+                os.rmdir(name, dir_fd=dir_fd)
+            else:
+                os.unlink(name, dir_fd=dir_fd)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            failed += 1  # e.g. a directory still holding other users' files
+    return failed
+
+
+# --------------------------------------------------------------------------
+# The driver
+
+
+class Autodriver:
+    def __init__(self, opts: argparse.Namespace) -> None:
+        self.opts = opts
+        self.nproc: int = opts.nproc
+        self.fsize: int = opts.fsize
+        self.timeout: float = opts.timeout
+        self.osize: int = opts.osize
+        self.mem: int = opts.mem
+        self.cpu: int = opts.cpu
+        self.out_fd = 1
+        self.keep: set[tuple[int, int]] = set()  # (dev, ino) never chowned nor removed
+        self.switch = False  # running as root: the job runs as the grading user
+        self.uid = self.gid = -1
+        self.user = ""
+        self.home = ""
+        self.directory = ""
+        self.cgroups: list[Cgroup] = []
+        self.subreaper = False
+        self.make_pid = -1
+        self.make_status: int | None = None
+        self.interrupted = 0
+        self.timed_out = False
+        self.wake_r = self.wake_w = -1
+
+    # -- setup ------------------------------------------------------------
+
+    def open_output(self) -> None:
+        path = self.opts.output
+        if path is None:
+            return
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(path, flags, 0o644)
+        except OSError as exc:
+            raise UsageError(f"cannot open output file {path}: {exc.strerror}") from None
+        st = os.fstat(fd)
+        self.keep.add((st.st_dev, st.st_ino))
+        self.out_fd = fd
+
+    def check(self) -> None:
+        try:
+            pw = pwd.getpwnam(self.opts.user)
+        except KeyError:
+            raise UsageError(f"grading user {self.opts.user} does not exist") from None
+        if pw.pw_uid == 0:
+            raise UsageError(f"refusing to run the job as root (user {pw.pw_name} has uid 0)")
+        self.uid, self.gid, self.user, self.home = pw.pw_uid, pw.pw_gid, pw.pw_name, pw.pw_dir
+        if os.geteuid() == 0:
+            self.switch = True
+        elif os.getuid() != self.uid or os.geteuid() != self.uid:
+            raise UsageError(
+                f"must run as root or as the grading user {self.user}"
+                f" (running as uid {os.getuid()})"
+            )
+        directory = os.path.realpath(self.opts.directory)
+        if not os.path.isdir(directory):
+            raise UsageError(f"{self.opts.directory}: not a directory")
+        if self.switch and directory in FORBIDDEN_DIRS:
+            raise UsageError(f"refusing to use {directory} as the job directory")
+        self.directory = directory
+
+    def prepare(self) -> None:
+        if self.switch:
+            try:
+                chown_tree(self.directory, self.uid, self.gid, self.keep)
+            except OSError as exc:
+                raise OSFailure(f"Error chowning directory {self.directory}: {exc}") from None
+        if not self.opts.no_cgroup:
+            self.cgroups = setup_cgroups(self.mem)
+        self.subreaper = set_child_subreaper()
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGCHLD, _ignore_signal)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if not self.interrupted:
+            self.interrupted = signum
+
+    def job_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        for name in MAKE_VARS:  # a make calling us must not leak its jobserver etc.
+            env.pop(name, None)
+        env["PWD"] = self.directory
+        env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+        if self.switch:
+            env["USER"] = env["LOGNAME"] = self.user
+            env["HOME"] = self.home if os.path.isdir(self.home) else self.directory
+        return env
+
+    # -- the job ----------------------------------------------------------
+
+    def start(self) -> int:
+        """Fork and exec make; return the read end of its output pipe."""
+        env = self.job_env()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()  # close-on-exec: EOF means exec succeeded
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(out_r, F_SETPIPE_SZ, PIPE_SIZE)
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            raise OSFailure(f"Unable to fork: {exc}") from None
+        if pid == 0:
+            self._child(out_w, err_w, env)
+        self.make_pid = pid
+        os.close(out_w)
+        os.close(err_w)
+        error = b""
+        while True:
+            block = os.read(err_r, 4096)
+            if not block:
+                break
+            error += block
+        os.close(err_r)
+        if error:
+            os.waitpid(pid, 0)
+            self.make_pid = -1
+            raise OSFailure(error.decode("utf-8", "replace"))
+        return out_r
+
+    def _child(self, out_w: int, err_w: int, env: dict[str, str]) -> NoReturn:
+        step = "starting the job"
+        try:
+            signal.set_wakeup_fd(-1)
+            # Python ignores SIGPIPE and SIGXFSZ; the job needs the defaults
+            # (e.g. so a write over RLIMIT_FSIZE says "File size limit exceeded").
+            for sig in (
+                signal.SIGPIPE,
+                signal.SIGXFSZ,
+                signal.SIGCHLD,
+                signal.SIGTERM,
+                signal.SIGINT,
+                signal.SIGHUP,
+            ):
+                signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, [])
+            step = "creating a session"
+            os.setsid()
+            step = "joining the job's cgroup"
+            for cg in self.cgroups:
+                cg.join(os.getpid())
+            step = "setting resource limits"
+            limits = [(resource.RLIMIT_CORE, 0, 0)]
+            if self.nproc:
+                limits.append((resource.RLIMIT_NPROC, self.nproc, self.nproc))
+            if self.fsize:
+                limits.append((resource.RLIMIT_FSIZE, self.fsize, self.fsize))
+            if self.cpu:  # SIGXCPU at the limit, SIGKILL a second later
+                limits.append((resource.RLIMIT_CPU, self.cpu, self.cpu + 1))
+            if self.mem and not any(cg.memory for cg in self.cgroups):
+                limits.append((resource.RLIMIT_AS, self.mem, self.mem))
+            for which, soft, hard in limits:
+                resource.setrlimit(which, (soft, hard))
+            if self.switch:
+                step = "dropping privileges"
+                os.setgroups([])
+                os.setresgid(self.gid, self.gid, self.gid)
+                os.setresuid(self.uid, self.uid, self.uid)
+                if os.getresuid() != (self.uid,) * 3 or os.getresgid() != (self.gid,) * 3:
+                    raise OSError(errno.EPERM, "uid/gid did not change")
+            step = "changing to the job directory"
+            os.chdir(self.directory)
+            step = "redirecting output"
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)
+            os.dup2(out_w, 1)
+            os.dup2(out_w, 2)
+            step = "executing make"
+            os.execvpe("make", ["make"], env)
+        except BaseException as exc:
+            try:
+                detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                os.write(err_w, f"Error {step}: {detail}".encode())
+            finally:
+                os._exit(127)
+        os._exit(127)  # not reached: execvpe does not return
+
+    def monitor(self, out_r: int, capture: Capture) -> bool:
+        """Read the output until make exits, the timeout or a signal; True if at EOF."""
+        deadline = None if not self.timeout else time.monotonic() + self.timeout
+        poller = select.poll()
+        poller.register(out_r, select.POLLIN)
+        poller.register(self.wake_r, select.POLLIN)
+        eof = False
+        self.reap()
+        while self.make_status is None and not self.interrupted:
+            wait_ms = None
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.timed_out = True
+                    break
+                wait_ms = int(left * 1000) + 1
+            for fd, _ in poller.poll(wait_ms):
+                if fd == out_r:
+                    data = os.read(out_r, READ_CHUNK)
+                    if data:
+                        capture.feed(data)
+                    else:
+                        eof = True
+                        poller.unregister(out_r)
+                else:
+                    self.drain_wakeups()
+                    self.reap()
+        return eof
+
+    def drain_wakeups(self) -> None:
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except OSError:
+            pass
+
+    def reap(self) -> None:
+        """Reap every child that exited (make, and orphans re-parented to us)."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid == self.make_pid:
+                self.make_status = status
+
+    def drain_output(self, out_r: int, capture: Capture) -> None:
+        """Read what the (now dead) job left in the pipe; bounded in time."""
+        os.set_blocking(out_r, False)
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            try:
+                data = os.read(out_r, READ_CHUNK)
+            except BlockingIOError:
+                return
+            if not data:
+                return
+            capture.feed(data)
+
+    # -- killing ----------------------------------------------------------
+
+    def job_processes(self) -> list[Proc]:
+        """Every live process of the job (never the autodriver itself)."""
+        me = os.getpid()
+        procs = all_procs()
+        found: dict[int, Proc] = {}
+        if self.switch:
+            for p in procs:
+                if self.uid in p.uids and p.alive and p.pid != me:
+                    found[p.pid] = p
+        else:
+            children: dict[int, list[Proc]] = {}
+            for p in procs:
+                children.setdefault(p.ppid, []).append(p)
+            todo = [me]
+            while todo:
+                for p in children.get(todo.pop(), []):
+                    if p.pid not in found:
+                        found[p.pid] = p
+                        todo.append(p.pid)
+            found = {pid: p for pid, p in found.items() if p.alive}
+        by_pid = {p.pid: p for p in procs}
+        for cg in self.cgroups:
+            for pid in cg.pids():
+                member = by_pid.get(pid)
+                if member is not None and member.alive and pid != me:
+                    found[pid] = member
+        return list(found.values())
+
+    def _kill_as_grader(self) -> None:
+        """kill(-1, SIGKILL) as the grading uid: every process that uid owns."""
+        try:
+            pid = os.fork()
+        except OSError:
+            return
+        if pid == 0:
+            try:
+                os.setgroups([])
+                os.setresgid(self.gid, self.gid, self.gid)
+                os.setresuid(self.uid, self.uid, self.uid)
+                # kill(-1) as root would kill the whole machine: make sure.
+                if self.uid != 0 and os.getresuid() == (self.uid,) * 3:
+                    with contextlib.suppress(OSError):
+                        os.kill(-1, signal.SIGKILL)
+            finally:
+                os._exit(0)
+        while True:
+            try:
+                os.waitpid(pid, 0)
+                return
+            except ChildProcessError:
+                return
+            except InterruptedError:
+                continue
+
+    def kill_job(self) -> bool:
+        """Kill every process of the job; False if some survive."""
+        deadline = time.monotonic() + KILL_SECONDS
+        pause = 0.002
+        while True:
+            self.reap()
+            left = self.job_processes()
+            if not left:
+                return True
+            if self.make_pid > 0:
+                with contextlib.suppress(OSError):
+                    os.killpg(self.make_pid, signal.SIGKILL)
+            for cg in self.cgroups:
+                cg.kill()
+            if self.switch:
+                self._kill_as_grader()
+            else:
+                self._kill_pids(left)
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(pause)  # SIGKILLed tasks need a moment to exit
+            pause = min(pause * 2, 0.1)
+        # Last resort: by pid (root reaches processes whose uid changed, too).
+        self._kill_pids(self.job_processes())
+        end = time.monotonic() + 0.5
+        while True:
+            self.reap()
+            if not self.job_processes():
+                return True
+            if time.monotonic() >= end:
+                return False
+            time.sleep(0.05)
+
+    def _kill_pids(self, procs: list[Proc]) -> None:
+        for p in procs:
+            current = read_proc(p.pid)  # re-check just before, against pid reuse
+            if current is None or current.uids != p.uids:
+                continue
+            with contextlib.suppress(OSError):
+                os.kill(p.pid, signal.SIGKILL)
+
+    def reap_all(self) -> None:
+        """Reap our remaining children (killed job processes), briefly."""
+        end = time.monotonic() + 0.5
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == self.make_pid:
+                self.make_status = status
+            if pid == 0:
+                if time.monotonic() >= end:
+                    return
+                time.sleep(0.005)
+
+    # -- feedback ---------------------------------------------------------
+
+    def status_lines(self, capture: Capture, killed_all: bool) -> list[str]:
+        lines = []
+        if self.interrupted:
+            lines.append(f"Job interrupted: autodriver received {signal_name(self.interrupted)}")
+        elif self.timed_out:
+            lines.append(f"Job timed out after {format_seconds(self.timeout)} seconds")
+        else:
+            status = self.make_status if self.make_status is not None else 0
+            if os.WIFSIGNALED(status):
+                # Tango prints WEXITSTATUS, i.e. "status 0" for a killed make,
+                # which reads as success.  Use the shell's convention 128+N so
+                # the line keeps its format and is never 0, then say why.
+                sig = os.WTERMSIG(status)
+                lines.append(f"Job exited with status {128 + sig}")
+                lines.append(f"make was killed by signal {sig} ({signal_name(sig)})")
+            else:
+                lines.append(f"Job exited with status {os.WEXITSTATUS(status)}")
+        if self.mem and self.memory_exceeded(capture):
+            lines.append(f"memory limit of {self.mem} bytes exceeded")
+        if not killed_all:
+            lines.append("Gave up killing user processes")
+        return lines
+
+    def memory_exceeded(self, capture: Capture) -> bool:
+        if any(cg.oom_killed() for cg in self.cgroups):
+            return True
+        return any(pattern in piece for piece in capture.sample() for pattern in OOM_PATTERNS)
+
+    def write_feedback(self, lines: list[str], capture: Capture) -> bool:
+        try:
+            _write_all(self.out_fd, "".join(HEADER + line + "\n" for line in lines).encode())
+            for chunk in capture.chunks():
+                _write_all(self.out_fd, chunk)
+        except OSError:
+            return False
+        return True
+
+    def cleanup_files(self) -> int:
+        if not self.switch or self.opts.no_cleanup:
+            return 0
+        failed = remove_owned(self.directory, self.uid, self.keep)
+        seen = {self.directory}
+        for root in CLEAN_ROOTS:
+            real = os.path.realpath(root)
+            if real not in seen:
+                seen.add(real)
+                failed += remove_owned(real, self.uid, self.keep)
+        return failed
+
+    # -- all of it --------------------------------------------------------
+
+    def run(self) -> int:
+        self.prepare()
+        capture = Capture(self.osize)
+        try:
+            out_r = self.start()
+            try:
+                self.monitor(out_r, capture)
+                killed_all = self.kill_job()
+                self.drain_output(out_r, capture)
+            finally:
+                os.close(out_r)
+            self.reap_all()
+            lines = self.status_lines(capture, killed_all)
+            if killed_all:
+                failed = self.cleanup_files()
+                if failed:
+                    lines.append(f"could not remove {failed} files of the grading user")
+            delivered = self.write_feedback(lines, capture)
+        finally:
+            capture.close()
+            if self.make_pid > 0 and self.make_status is None:
+                self.kill_job()  # an exception above must not leave the job running
+            for cg in self.cgroups:
+                cg.remove()
+        if not delivered or self.interrupted or not killed_all:
+            return EXIT_OSERROR
+        return EXIT_TIMEOUT if self.timed_out else EXIT_OK
+
+
+def _ignore_signal(signum: int, frame: object) -> None:
+    """SIGCHLD only needs to wake the poll loop (through the wakeup fd)."""
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _say(fd: int, message: str) -> None:
+    with contextlib.suppress(OSError):
+        _write_all(fd, (HEADER + message + "\n").encode())
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        opts = build_parser().parse_args(argv)
+    except UsageError as exc:
+        _say(1, str(exc))
+        return EXIT_USAGE
+    driver = Autodriver(opts)
+    try:
+        driver.open_output()
+        driver.check()
+    except UsageError as exc:
+        _say(driver.out_fd, str(exc))
+        return EXIT_USAGE
+    try:
+        return driver.run()
+    except OSFailure as exc:
+        _say(driver.out_fd, str(exc))
+        return EXIT_OSERROR
+    except OSError as exc:
+        _say(driver.out_fd, f"OS error: {exc}")
+        return EXIT_OSERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Shared fixtures: a job folder, a job factory, fast settings."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from vmpool import Settings, TangoJob, make_job
+
+CTIME = r"[A-Z][a-z]{2} [A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d \d{4}"
+
+
+def autograder_re(msg: str) -> str:
+    """A regex for one ``Autograder [<ctime>]: <msg>`` line (msg taken literally)."""
+    return rf"Autograder \[{CTIME}\]: {re.escape(msg)}"
+
+
+@pytest.fixture
+def jobdir(tmp_path: Path) -> Path:
+    d = tmp_path / "job"
+    d.mkdir()
+    (d / "Makefile").write_text("all:\n\techo hello\n")
+    (tmp_path / "out").mkdir()
+    return d
+
+
+JobFactory = Callable[..., TangoJob]
+
+
+@pytest.fixture
+def new_job(jobdir: Path) -> JobFactory:
+    counter = iter(range(1, 10**9))
+
+    def factory(image: str = "img.img", name: str | None = None, **kw: object) -> TangoJob:
+        n = next(counter)
+        out = jobdir.parent / "out" / f"{name or 'job'}-{n}.out"
+        return make_job(
+            image,
+            [(str(jobdir / "Makefile"), "Makefile")],
+            str(out),
+            name=name or f"job{n}",
+            **kw,  # type: ignore[arg-type]
+        )
+
+    return factory
+
+
+@pytest.fixture
+def fast() -> Settings:
+    """Short deadlines so that timeouts are seen in well under a second."""
+    return Settings(
+        waitvm_timeout=0.5,
+        runjob_timeout=2.0,
+        runjob_grace=0.3,
+        initializevm_timeout=1.0,
+        copyin_timeout=0.5,
+        copyout_timeout=0.5,
+        destroy_timeout=0.5,
+        backoff_initial=0.01,
+        backoff_max=0.05,
+        pool_size=2,
+    )

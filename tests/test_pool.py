@@ -1,0 +1,247 @@
+"""The pool on its own: warm VMs, event-driven refill, backoff, resize, close."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from drivers.sim import FaultRule, SimVMMS
+from vmpool import InitializeVMError, Pool, PoolClosedError, PoolSpec
+
+SPEC = PoolSpec("img.img", "sim")
+
+
+def make_pool(sim: SimVMMS, **kw: object) -> Pool:
+    opts: dict[str, object] = {
+        "min_idle": 2,
+        "initializevm_timeout": 1.0,
+        "waitvm_timeout": 1.0,
+        "destroy_timeout": 0.5,
+        "backoff_initial": 0.01,
+        "backoff_max": 0.05,
+    }
+    opts.update(kw)
+    return Pool(SPEC, sim, **opts)  # type: ignore[arg-type]
+
+
+async def test_fills_to_min_idle_with_ready_vms() -> None:
+    sim = SimVMMS(latency={"initializeVM": 0.01})
+    async with make_pool(sim, min_idle=3, max_size=5) as pool:
+        with anyio.fail_after(5):
+            st = await pool.wait_until(lambda s: s.free == 3)
+        assert st.total == 3 and st.creating == 0 and st.busy == 0
+        assert len(sim.live) == 3
+        # every warm VM went through initializeVM and waitVM
+        assert sim.calls["initializeVM"] == 3 and sim.calls["waitVM"] == 3
+    assert sim.live == {}
+
+
+async def test_taking_a_vm_starts_its_replacement_at_once() -> None:
+    sim = SimVMMS()
+    sim.add_fault(FaultRule("initializeVM", "hang", times=None))
+    pool = make_pool(sim, min_idle=2, max_size=3, initializevm_timeout=30)
+    async with pool:
+        # nothing becomes ready: 2 creations are under way, no more
+        st = pool.status()
+        assert st.creating == 2
+        sim.clear_faults()
+    sim2 = SimVMMS()
+    async with make_pool(sim2, min_idle=2, max_size=3) as pool:
+        with anyio.fail_after(5):
+            await pool.wait_until(lambda s: s.free == 2)
+        lease = await pool.acquire()
+        # the replacement was started by acquire itself: no timer, no poll
+        st = pool.status()
+        assert st.busy == 1 and st.free + st.creating == 2
+        pool.release(lease, healthy=True)
+    assert sim2.live == {}
+
+
+async def test_creation_concurrency_is_bounded() -> None:
+    sim = SimVMMS()
+    sim.add_fault(FaultRule("initializeVM", "hang"))
+    async with make_pool(sim, min_idle=10, max_size=10, create_concurrency=3,
+                         initializevm_timeout=30) as pool:
+        with anyio.fail_after(5):
+            await sim.wait_for_calls("initializeVM", 3)
+        st = pool.status()
+        assert st.creating == 3
+        assert sim.calls["initializeVM"] == 3
+    # the cancelled creations were cleaned up
+    assert sim.live == {}
+
+
+async def test_one_shot_vm_is_destroyed_and_replaced() -> None:
+    sim = SimVMMS()
+    async with make_pool(sim, min_idle=1) as pool:
+        with anyio.fail_after(5):
+            await pool.wait_until(lambda s: s.free == 1)
+        lease = await pool.acquire()
+        first = lease.vm.id
+        pool.release(lease, healthy=True)
+        with anyio.fail_after(5):
+            st = await pool.wait_until(lambda s: s.free == 1 and s.destroying == 0)
+        assert first not in st.free_ids
+        assert sim.instanceName(first, SPEC.name) not in sim.live
+        assert len(sim.live) == 1
+
+
+async def test_reuse_returns_only_healthy_vms() -> None:
+    sim = SimVMMS()
+    async with make_pool(sim, min_idle=1, reuse=True) as pool:
+        with anyio.fail_after(5):
+            await pool.wait_until(lambda s: s.free == 1)
+        lease = await pool.acquire()
+        pool.release(lease, healthy=True)
+        assert pool.status().free_ids == [lease.vm.id]
+        lease = await pool.acquire()
+        pool.release(lease, healthy=False)
+        with anyio.fail_after(5):
+            st = await pool.wait_until(lambda s: s.free == 1 and s.destroying == 0)
+        assert st.free_ids != [lease.vm.id]
+        assert sim.instanceName(lease.vm.id, SPEC.name) not in sim.live
+
+
+async def test_failed_creations_back_off_and_show_in_status() -> None:
+    sim = SimVMMS()
+    sim.add_fault(FaultRule("initializeVM", "raise"))
+    async with make_pool(sim, min_idle=2, backoff_initial=0.2, backoff_max=0.2) as pool:
+        with anyio.fail_after(5):
+            st = await pool.wait_until(lambda s: s.failed >= 2 and s.destroying == 0)
+        assert st.consecutive_failures >= 2
+        assert st.last_error is not None and "simulated initializeVM failure" in st.last_error
+        # while backing off, nothing new is tried
+        st = pool.status()
+        assert st.backoff_remaining > 0
+        calls = sim.calls["initializeVM"]
+        assert st.creating == 0
+        assert sim.calls["initializeVM"] == calls
+        # the failed VMs were destroyed, not left behind
+        assert sim.live == {}
+        sim.clear_faults()
+        with anyio.fail_after(5):
+            st = await pool.wait_until(lambda s: s.free == 2)
+        assert st.consecutive_failures == 0
+
+
+async def test_waiting_job_gets_the_creation_error() -> None:
+    sim = SimVMMS()
+    sim.add_fault(FaultRule("initializeVM", "raise"))
+    async with make_pool(sim, min_idle=0, max_size=1) as pool:
+        with anyio.fail_after(5), pytest.raises(InitializeVMError):
+            await pool.acquire()
+
+
+async def test_resize_up_and_down() -> None:
+    sim = SimVMMS(latency={"initializeVM": 0.005})
+    async with make_pool(sim, min_idle=1) as pool:
+        pool.resize(6)
+        assert pool.max_size == 6
+        with anyio.fail_after(5):
+            await pool.wait_until(lambda s: s.free == 6)
+        assert len(sim.live) == 6
+        busy = await pool.acquire()
+        pool.resize(2)
+        with anyio.fail_after(5):
+            st = await pool.wait_until(lambda s: s.total == 2 and s.destroying == 0)
+        # the busy VM is kept until its job ends; it is destroyed then
+        assert st.busy == 1 and st.free == 1
+        pool.release(busy, healthy=True)
+        with anyio.fail_after(5):
+            st = await pool.wait_until(lambda s: s.free == 2 and s.destroying == 0)
+        assert len(sim.live) == 2
+        pool.resize(0)
+        with anyio.fail_after(5):
+            await pool.wait_until(lambda s: s.total == 0 and s.destroying == 0)
+        assert sim.live == {}
+        with pytest.raises(ValueError, match="size must be an int >= 0"):
+            pool.resize(-1)
+
+
+async def test_close_destroys_everything_and_fails_waiters() -> None:
+    sim = SimVMMS()
+    pool = make_pool(sim, min_idle=1, max_size=3)
+    result: list[BaseException] = []
+
+    async def waiter() -> None:
+        try:
+            await pool.acquire()
+        except PoolClosedError as e:
+            result.append(e)
+
+    async with pool:
+        with anyio.fail_after(5):
+            await pool.wait_until(lambda s: s.free == 1)
+        await pool.acquire()
+        with anyio.fail_after(5):
+            await pool.wait_until(lambda s: s.free == 1)
+        # a creation hangs, a job waits, two VMs are held and never released
+        sim.add_fault(FaultRule("initializeVM", "hang"))
+        await pool.acquire()
+        with anyio.fail_after(5):
+            await sim.wait_for_calls("initializeVM", 3)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiter)
+            with anyio.fail_after(5):
+                st = await pool.wait_until(lambda s: s.waiting == 1)
+            assert st.busy == 2 and st.creating == 1
+            with anyio.fail_after(5):
+                await pool.close(busy_grace=0.2)
+        assert len(result) == 1 and "closed" in str(result[0])
+    assert sim.live == {}
+    assert pool.status().total == 0
+    assert pool._n_tasks == 0
+    with pytest.raises(PoolClosedError):
+        await pool.acquire()
+
+
+async def test_cancelled_waiter_leaves_the_line() -> None:
+    sim = SimVMMS()
+    async with make_pool(sim, min_idle=0, max_size=1, reuse=True) as pool:
+        first = await pool.acquire()
+        got: list[int | None] = []
+        scopes: list[anyio.CancelScope] = []
+
+        async def take_cancellable() -> None:
+            with anyio.CancelScope() as scope:
+                scopes.append(scope)
+                await pool.acquire()
+                got.append(-1)
+
+        async def take() -> None:
+            lease = await pool.acquire()
+            got.append(lease.vm.id)
+            pool.release(lease, healthy=True)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(take_cancellable)
+            with anyio.fail_after(5):
+                await pool.wait_until(lambda s: s.waiting == 1)
+            tg.start_soon(take)
+            with anyio.fail_after(5):
+                await pool.wait_until(lambda s: s.waiting == 2)
+            # The first waiter gives up: the VM must go to the second one, and
+            # the cancelled waiter must not count as waiting any more.
+            scopes[0].cancel()
+            with anyio.fail_after(5):
+                await pool.wait_until(lambda s: s.waiting == 1)
+            pool.release(first, healthy=True)
+        assert got == [first.vm.id]
+        st = pool.status()
+        assert st.waiting == 0 and st.busy == 0
+
+
+def test_constructor_names_bad_values() -> None:
+    sim = SimVMMS()
+    with pytest.raises(ValueError, match=r"min_idle must be an int >= 0, got -1"):
+        Pool(SPEC, sim, min_idle=-1)
+    with pytest.raises(ValueError, match=r"max_size \(1\) must be >= min_idle \(3\)"):
+        Pool(SPEC, sim, min_idle=3, max_size=1)
+    with pytest.raises(ValueError, match=r"create_concurrency must be an int >= 1"):
+        Pool(SPEC, sim, create_concurrency=0)
+
+
+async def test_spec_names() -> None:
+    assert PoolSpec("rhel.img", "sim").name == "rhel"
+    assert PoolSpec("rhel.img", "sim").key == "rhel"
+    assert PoolSpec("rhel.img", "sim", cores=2, memory=512).key == "rhel[cores=2,memory=512]"
