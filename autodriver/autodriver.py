@@ -28,16 +28,30 @@ What it does, in order:
    (never following symlinks, never leaving the file system, skipping files
    with several hard links so a planted link cannot hand a system file over).
 3. Forks ``make`` in DIRECTORY in a new session with stdin ``/dev/null``,
-   stdout and stderr on one pipe, RLIMIT_NPROC/FSIZE/CPU/CORE (and the memory
-   limit, below) set, supplementary groups dropped and real, effective and
-   saved uid/gid set to the grading user before ``exec``.
+   stdout and stderr on one pipe, no other inherited file descriptor,
+   RLIMIT_NPROC/FSIZE/CPU/CORE (and the memory limit, below) set,
+   supplementary groups dropped and real, effective and saved uid/gid set to
+   the grading user before ``exec``.  ``HOME``, ``USER`` and ``LOGNAME`` name
+   the grading user; the rest of the environment is passed on (images set
+   e.g. ``JAVA_HOME`` there), except make's own ``MAKEFLAGS`` and friends.
 4. Reads the pipe in large chunks, keeping only the first osize/2 and a
    rolling last osize/2 bytes (the output is capped while it is produced,
    memory stays bounded, nothing is written to disk).
 5. When ``make`` exits, or the timeout expires, or the autodriver gets
    SIGTERM/SIGINT/SIGHUP, kills every process of the job (see below), reads
    what is left in the pipe, removes the grading user's files and prints the
-   feedback: status line(s) first, then the (capped) output.
+   feedback: status line(s) first, then the (capped) output.  Autolab reads
+   the scores from the LAST line of the feedback, so all our lines come
+   before the job's output, never after it.
+
+Status lines: ``Job exited with status N`` (make's exit status; if make
+itself was killed by signal S, N = 128+S and a second line ``make was killed
+by signal S (NAME)`` -- Tango printed WEXITSTATUS, i.e. 0, for a killed make),
+``Job timed out after N seconds`` (exit 2), ``Job interrupted: autodriver
+received SIGTERM`` (exit 3: the job did not run to its end through no fault
+of its own, so the VM is treated as broken and the job retried), then
+optionally ``memory limit of N bytes exceeded`` and ``Gave up killing user
+processes`` (exit 3).
 
 Process tracking and killing.  The grading uid is dedicated to the job, so as
 root "the job" is every process whose real, effective or saved uid is the
@@ -56,10 +70,11 @@ cgroup, which is killed and scanned as well.
 
 Memory (``--mem``).  If a cgroup with the memory controller can be used, the
 whole job gets ``memory.max`` (v2) / ``memory.limit_in_bytes`` (v1), swap 0,
-and an OOM kill is read from the cgroup's counters.  Otherwise every process
-gets RLIMIT_AS = mem; an allocation beyond it fails, and the failure is
-recognised in the output (``MemoryError``, ``std::bad_alloc``, ``Cannot
-allocate memory`` ...).  Either way the feedback then has the line
+and an OOM kill is read from the cgroup's counters (no RLIMIT_AS then).
+Otherwise every process gets RLIMIT_AS = mem; an allocation beyond it fails,
+and the failure is recognised in the output (``MemoryError``,
+``std::bad_alloc``, ``Cannot allocate memory`` ...) when the job failed.
+Either way the feedback then has the line
 ``Autodriver: memory limit of N bytes exceeded``.  Note RLIMIT_AS counts
 address space, not memory in use: JVMs and Go programs reserve a lot, so give
 them a generous limit when no cgroup is available.
@@ -68,8 +83,12 @@ Cleanup.  As root, after every process is gone, files owned by the grading
 uid are removed from DIRECTORY (the directory itself stays), /tmp, /var/tmp
 and /dev/shm: symlinks are removed, never followed; each tree is walked with
 directory fds, on its own file system only.  The ``--output`` file is never
-removed.  Running as the grading user without root nothing is deleted: the
-autodriver cannot tell the job's files from its caller's own.
+removed nor given to the grading user; if the job (which may own the
+directory holding it) removed, renamed or replaced it, a fresh one is
+created in the same directory, through the directory fd opened at the start,
+so the feedback cannot be forged.  Running as the grading user without root
+nothing is deleted: the autodriver cannot tell the job's files from its
+caller's own.
 """
 
 from __future__ import annotations
@@ -515,7 +534,8 @@ class Cgroup:
         self.memory = True
         return True
 
-    def oom_killed(self) -> bool:
+    def oom_killed(self) -> bool | None:
+        """True/False from the OOM kill counter; None if the kernel has none."""
         if not self.memory:
             return False
         counters: dict[str, int] = {}
@@ -529,12 +549,16 @@ class Cgroup:
             return False
         if "oom_kill" in counters:
             return counters["oom_kill"] > 0 or counters.get("oom_group_kill", 0) > 0
-        if self.version == 1:  # kernels < 4.13 have no oom_kill counter
-            try:
-                return int(_read(os.path.join(self.path, "memory.failcnt")).strip() or 0) > 0
-            except (OSError, ValueError):
-                return False
-        return False
+        return None
+
+    def limit_hit(self) -> bool:
+        """v1: the usage reached the limit at least once (a hint, not an OOM kill)."""
+        if self.version != 1:
+            return False  # v2 always has the oom_kill counter
+        try:
+            return _read(os.path.join(self.path, "memory.failcnt")).strip() not in ("", "0")
+        except OSError:
+            return False
 
     def remove(self) -> None:
         deadline = time.monotonic() + 1.0
@@ -698,7 +722,7 @@ def _listdir(fd: int) -> list[str]:
 
 
 def chown_tree(top: str, uid: int, gid: int, skip: set[tuple[int, int]]) -> None:
-    os.chown(top, uid, gid, follow_symlinks=False)
+    """lchown everything under ``top`` (not ``top`` itself) except ``skip``."""
     for dir_fd, name, st in walk_tree(top):
         if (st.st_dev, st.st_ino) in skip:
             continue
@@ -720,8 +744,9 @@ def remove_owned(top: str, uid: int, keep: set[tuple[int, int]]) -> int:
                 os.unlink(name, dir_fd=dir_fd)
         except FileNotFoundError:
             pass
-        except OSError:
-            failed += 1  # e.g. a directory still holding other users' files
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.EBUSY):
+                failed += 1  # (a directory still holding others' files is fine)
     return failed
 
 
@@ -739,6 +764,9 @@ class Autodriver:
         self.mem: int = opts.mem
         self.cpu: int = opts.cpu
         self.out_fd = 1
+        self.output_dir_fd = -1
+        self.output_name = ""
+        self.output_id = (-1, -1)
         self.keep: set[tuple[int, int]] = set()  # (dev, ino) never chowned nor removed
         self.switch = False  # running as root: the job runs as the grading user
         self.uid = self.gid = -1
@@ -759,13 +787,39 @@ class Autodriver:
         path = self.opts.output
         if path is None:
             return
+        # The file is opened relative to its directory, kept open, so it can
+        # be checked (and recreated) there at the end without following any
+        # path the job could have changed meanwhile.
+        parent, self.output_name = os.path.split(os.path.abspath(path))
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            fd = os.open(path, flags, 0o644)
+            self.output_dir_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fd = os.open(self.output_name, flags, 0o644, dir_fd=self.output_dir_fd)
         except OSError as exc:
             raise UsageError(f"cannot open output file {path}: {exc.strerror}") from None
         st = os.fstat(fd)
-        self.keep.add((st.st_dev, st.st_ino))
+        self.output_id = (st.st_dev, st.st_ino)
+        self.keep.add(self.output_id)
+        self.out_fd = fd
+
+    def reclaim_output(self) -> None:
+        """If the job removed, renamed or replaced the feedback file (it may own
+        the directory), put a fresh one back.  Every job process is dead by now,
+        and all is done relative to the directory fd opened at the start."""
+        if self.output_dir_fd < 0:
+            return
+        name, dir_fd = self.output_name, self.output_dir_fd
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        if st is not None and (st.st_dev, st.st_ino) == self.output_id:
+            return
+        if st is not None and not stat.S_ISDIR(st.st_mode):
+            os.unlink(name, dir_fd=dir_fd)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(name, flags, 0o644, dir_fd=dir_fd)
+        os.close(self.out_fd)
         self.out_fd = fd
 
     def check(self) -> None:
@@ -789,10 +843,13 @@ class Autodriver:
         if self.switch and directory in FORBIDDEN_DIRS:
             raise UsageError(f"refusing to use {directory} as the job directory")
         self.directory = directory
+        st = os.stat(directory)
+        self.keep.add((st.st_dev, st.st_ino))  # emptied at the end, never removed
 
     def prepare(self) -> None:
         if self.switch:
             try:
+                os.chown(self.directory, self.uid, self.gid)
                 chown_tree(self.directory, self.uid, self.gid, self.keep)
             except OSError as exc:
                 raise OSFailure(f"Error chowning directory {self.directory}: {exc}") from None
@@ -900,6 +957,15 @@ class Autodriver:
             os.dup2(null, 0)
             os.dup2(out_w, 1)
             os.dup2(out_w, 2)
+            step = "closing inherited files"
+            try:
+                fds = [int(name) for name in os.listdir("/proc/self/fd")]
+            except OSError:  # no /proc: the usual range
+                fds = list(range(3, 1024))
+            for fd in fds:
+                if fd > 2 and fd != err_w:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
             step = "executing make"
             os.execvpe("make", ["make"], env)
         except BaseException as exc:
@@ -1109,16 +1175,27 @@ class Autodriver:
         return lines
 
     def memory_exceeded(self, capture: Capture) -> bool:
-        if any(cg.oom_killed() for cg in self.cgroups):
-            return True
-        return any(pattern in piece for piece in capture.sample() for pattern in OOM_PATTERNS)
+        verdicts = [cg.oom_killed() for cg in self.cgroups if cg.memory]
+        if any(verdicts):
+            return True  # the kernel's OOM killer killed a process of the job
+        # Otherwise only hints: trust them only if the job failed, so a job
+        # that merely prints "out of memory" is not accused.
+        if self.timed_out or self.make_status is None or self.make_status != 0:
+            if None in verdicts and any(cg.limit_hit() for cg in self.cgroups if cg.memory):
+                return True  # a cgroup without an OOM kill counter (Linux < 4.13)
+            pieces = capture.sample()
+            return any(pattern in piece for piece in pieces for pattern in OOM_PATTERNS)
+        return False
 
     def write_feedback(self, lines: list[str], capture: Capture) -> bool:
         try:
+            self.reclaim_output()
             _write_all(self.out_fd, "".join(HEADER + line + "\n" for line in lines).encode())
             for chunk in capture.chunks():
                 _write_all(self.out_fd, chunk)
-        except OSError:
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                _write_all(2, f"{HEADER}Error writing the feedback: {exc}\n".encode())
             return False
         return True
 

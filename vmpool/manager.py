@@ -54,6 +54,7 @@ class Manager:
         self.owner = owner or f"vmpool-{socket.gethostname()}-{self.settings.prefix}"
         self._drivers: dict[str, VMMS] = dict(drivers or {})
         self._reconciled: set[str] = set()
+        self._ready: dict[str, VMMS] = {}
         self._images: dict[str, list[str] | None] = {}
         self._driver_lock = anyio.Lock()
         self.pools: dict[PoolSpec, Pool] = {}
@@ -118,6 +119,9 @@ class Manager:
 
     async def driver(self, name: str) -> VMMS:
         """The driver called ``name``: loaded, reconciled and its images known."""
+        ready = self._ready.get(name)
+        if ready is not None:
+            return ready
         async with self._driver_lock:
             drv = self._drivers.get(name)
             if drv is None:
@@ -132,6 +136,7 @@ class Manager:
                     await self._reconcile_driver(drv)
                 get_images = getattr(drv, "getImages", None)
                 self._images[name] = await get_images() if get_images is not None else None
+            self._ready[name] = drv
             return drv
 
     async def _reconcile_driver(self, drv: VMMS) -> None:

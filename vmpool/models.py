@@ -11,6 +11,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+_ctime_cache: tuple[int, str] = (0, "")
+
+
+def ctime_now() -> str:
+    """``time.asctime()`` of now, computed once a second (it is on every job's hot path)."""
+    global _ctime_cache
+    now = int(time.time())
+    if now != _ctime_cache[0]:
+        _ctime_cache = (now, time.asctime(time.localtime(now)))
+    return _ctime_cache[1]
+
 
 @dataclass
 class InputFile:
@@ -87,7 +98,7 @@ class TangoJob:
 
     def log(self, text: str) -> None:
         """Append a ``<ctime>|<text>`` line to the job's trace, as Tango does."""
-        self.trace.append(f"{time.asctime()}|{text}")
+        self.trace.append(f"{ctime_now()}|{text}")
 
     def to_dict(self) -> dict[str, Any]:
         return {

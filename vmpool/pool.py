@@ -101,6 +101,8 @@ class _VMRecord:
     ready_at: float = 0.0
     uses: int = 0
     scope: anyio.CancelScope | None = None
+    #: creation cancelled by the pool (shrink or close), not by a deadline
+    cancelled: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,6 +261,9 @@ class Pool:
         self._last_error: str | None = None
         self._wake_scope: anyio.CancelScope | None = None
 
+        self._creators = _Workers(self, self._create, create_concurrency)
+        self._destroyers = _Workers(self, self._destroy, max(4, 2 * create_concurrency))
+
         self._tg = task_group
         self._own_tg: anyio.abc.TaskGroup | None = None
         self._n_tasks = 0
@@ -409,7 +414,7 @@ class Pool:
                 self._refill()
                 while self._free:
                     self._start_destroy(self._free.popleft(), "drain")
-                await self._wait_until(lambda: not self._live_records() and self._n_tasks == 0)
+                await self._wait_until(self._quiet)
             finally:
                 self.reuse = reuse
 
@@ -441,7 +446,10 @@ class Pool:
                             rec.vm.id)
                 self._n_busy -= 1
                 self._start_destroy(rec, "held past close")
-        await self._wait_until(lambda: self._n_tasks == 0 and not self._live_records())
+        await self._wait_until(self._quiet)
+        self._creators.stop()
+        self._destroyers.stop()
+        await self._wait_until(lambda: self._n_tasks == 0)
         # Anything whose destroy failed every time gets one last safe destroy.
         for rec in list(self._vms.values()):
             if rec.state is VMState.LEAKED:
@@ -489,6 +497,15 @@ class Pool:
 
     def _n_active(self) -> int:
         return len(self._free) + self._n_busy + self._n_creating
+
+    def _quiet(self) -> bool:
+        """No VM left (but leaked ones) and no creation or destroy in flight."""
+        return (
+            not self._live_records()
+            and self._creators.idle()
+            and self._destroyers.idle()
+            and self._wake_scope is None
+        )
 
     def _live_records(self) -> bool:
         return any(rec.state is not VMState.LEAKED for rec in self._vms.values())
@@ -594,12 +611,13 @@ class Pool:
             rec.scope = anyio.CancelScope()
             self._vms[vm_id] = rec
             self._n_creating += 1
-            self._spawn(self._create, rec)
+            self._creators.put(rec)
 
     def _cancel_creation(self, rec: _VMRecord) -> bool:
         """Cancel a creation in flight; it stops counting as a VM at once."""
-        if rec.state is not VMState.CREATING or rec.scope is None or rec.scope.cancel_called:
+        if rec.state is not VMState.CREATING or rec.scope is None or rec.cancelled:
             return False
+        rec.cancelled = True
         rec.scope.cancel()
         self._n_creating -= 1
         return True
@@ -612,23 +630,29 @@ class Pool:
 
     async def _create(self, rec: _VMRecord) -> None:
         vm = rec.vm
+        if rec.cancelled:
+            # cancelled before it started: nothing exists to destroy
+            self._vms.pop(vm.id or 0, None)
+            self._refill()
+            return
         error: BaseException | None = None
-        assert rec.scope is not None
-        with rec.scope:
+        scope = rec.scope
+        assert scope is not None
+        # One cancel scope: the pool cancels it (shrink, close) and its
+        # deadline moves from step to step.
+        step, limit = "initializeVM", self.initializevm_timeout
+        with scope:
             try:
-                try:
-                    with anyio.fail_after(self.initializevm_timeout):
-                        await self.driver.initializeVM(vm)
-                except TimeoutError:
-                    raise VMTimeoutError("initializeVM", self.initializevm_timeout) from None
-                try:
-                    with anyio.fail_after(self.waitvm_timeout):
-                        await self.driver.waitVM(vm, self.waitvm_timeout)
-                except TimeoutError:
-                    raise VMTimeoutError("waitVM", self.waitvm_timeout) from None
+                scope.deadline = anyio.current_time() + limit
+                await self.driver.initializeVM(vm)
+                step, limit = "waitVM", self.waitvm_timeout
+                scope.deadline = anyio.current_time() + limit
+                await self.driver.waitVM(vm, limit)
             except Exception as e:
                 error = e
-        cancelled = rec.scope.cancel_called
+        cancelled = rec.cancelled
+        if scope.cancelled_caught and not cancelled and error is None:
+            error = VMTimeoutError(step, limit)
         if not cancelled:
             self._n_creating -= 1
         if error is None and not cancelled and not self._closing:
@@ -674,26 +698,31 @@ class Pool:
         rec.state = VMState.DESTROYING
         self._n_destroying += 1
         log.debug("pool %s: destroying VM %s (%s)", self.spec.key, rec.vm.id, why)
-        self._spawn(self._destroy, rec)
+        self._destroyers.put(rec)
 
     async def _destroy(self, rec: _VMRecord) -> None:
         """Destroy a VM: shielded from cancellation, each attempt bounded."""
         gone = False
-        with anyio.CancelScope(shield=True):
-            for attempt in range(self.destroy_attempts):
+        for attempt in range(self.destroy_attempts):
+            problem = ""
+            with anyio.CancelScope(shield=True) as scope:
+                scope.deadline = anyio.current_time() + self.destroy_timeout
                 try:
-                    with anyio.fail_after(self.destroy_timeout):
-                        await self.driver.destroyVM(rec.vm)
+                    await self.driver.destroyVM(rec.vm)
                     gone = True
-                    break
                 except Exception as e:
-                    log.warning(
-                        "pool %s: destroying VM %s failed (attempt %d/%d): %s",
-                        self.spec.key, rec.vm.id, attempt + 1, self.destroy_attempts,
-                        e or type(e).__name__,
-                    )
-                    if attempt + 1 < self.destroy_attempts:
-                        await anyio.sleep(min(self.backoff_max, 0.05 * 2**attempt))
+                    problem = str(e) or type(e).__name__
+            if gone:
+                break
+            if scope.cancelled_caught:
+                problem = f"timed out after {self.destroy_timeout:g} s"
+            log.warning(
+                "pool %s: destroying VM %s failed (attempt %d/%d): %s",
+                self.spec.key, rec.vm.id, attempt + 1, self.destroy_attempts, problem,
+            )
+            if attempt + 1 < self.destroy_attempts:
+                with anyio.CancelScope(shield=True):
+                    await anyio.sleep(min(self.backoff_max, 0.05 * 2**attempt))
         self._n_destroying -= 1
         if gone:
             self._vms.pop(rec.vm.id or 0, None)
@@ -702,3 +731,64 @@ class Pool:
             log.error("pool %s: VM %s could not be destroyed; kept as leaked", self.spec.key,
                       rec.vm.id)
         self._changed()
+
+
+class _Workers:
+    """Up to ``limit`` long-lived tasks working through a queue.
+
+    A parked worker is woken for new work; spawning a task per item would
+    cost more than a fast driver's whole call. Workers run in the pool's
+    task group and exit on :meth:`stop`.
+    """
+
+    def __init__(
+        self, pool: Pool, work: Callable[[_VMRecord], Awaitable[None]], limit: int
+    ) -> None:
+        self._pool = pool
+        self._work = work
+        self._limit = limit
+        self._queue: deque[_VMRecord] = deque()
+        self._parked: deque[asyncio.Future[None]] = deque()
+        self._n = 0
+        self._busy = 0
+        self._stopping = False
+
+    def put(self, rec: _VMRecord) -> None:
+        self._queue.append(rec)
+        while self._parked:
+            fut = self._parked.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+        if self._n < self._limit:
+            self._n += 1
+            self._pool._spawn(self._run)
+
+    def idle(self) -> bool:
+        return not self._queue and self._busy == 0
+
+    def stop(self) -> None:
+        self._stopping = True
+        while self._parked:
+            fut = self._parked.popleft()
+            if not fut.done():
+                fut.set_result(None)
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                while self._queue:
+                    rec = self._queue.popleft()
+                    self._busy += 1
+                    try:
+                        await self._work(rec)
+                    finally:
+                        self._busy -= 1
+                        self._pool._changed()
+                if self._stopping:
+                    return
+                fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                self._parked.append(fut)
+                await fut
+        finally:
+            self._n -= 1

@@ -28,7 +28,7 @@ import anyio.abc
 from .config import Settings
 from .errors import JobError, PoolClosedError, VMMSError
 from .models import TangoJob, TangoMachine
-from .output import HERE_IS_OUTPUT, autograder_line, temp_path_for, write_output_atomic
+from .output import HERE_IS_OUTPUT, autograder_line, finish_output, temp_path_for
 from .pool import Pool
 from .vmms import EXIT_OK, EXIT_OSERROR, EXIT_TIMEOUT, EXIT_USAGE, check_input_files
 
@@ -347,94 +347,54 @@ class Scheduler:
         job.log(f"Assigned job {job.name}:{job.id} existing VM {vm_name}")
         healthy = False
         feedback = temp_path_for(job.outputFile, f"vmpool-{job.id}-{job.retries}.feedback")
+        timeout = job.timeout or s.runjob_timeout
+        status: int | None = None
+        step = "waitvm"
+        error: Exception | None = None
         try:
-            # waitVM
-            try:
-                with anyio.fail_after(s.waitvm_timeout):
+            # One cancel scope for the whole try; its deadline moves with the
+            # step, so that when it fires `step` says which one overran.
+            with anyio.CancelScope() as deadline:
+                try:
+                    deadline.deadline = anyio.current_time() + s.waitvm_timeout
                     await driver.waitVM(vm, s.waitvm_timeout)
-            except TimeoutError:
-                steps["waitvm"] = -1
-                self.counters.waitvm_timeouts += 1
-                raise _SystemFailure(
-                    f"Internal error: waitVM timeout after {s.waitvm_timeout:g} secs"
-                ) from None
-            except Exception as e:
-                steps["waitvm"] = -1
-                raise _SystemFailure(
-                    f"Internal error: VM {vm_name} not ready: {_desc(e)}"
-                ) from None
-            steps["waitvm"] = 0
+                    steps["waitvm"] = 0
 
-            # copyIn
-            try:
-                with anyio.fail_after(s.copyin_timeout):
+                    step = "copyin"
+                    deadline.deadline = anyio.current_time() + s.copyin_timeout
                     await driver.copyIn(vm, job.input)
-            except Exception as e:
-                status = e.status if isinstance(e, VMMSError) else -1
-                steps["copyin"] = status
-                self.counters.copyin_errors += 1
-                detail = (
-                    f"timed out after {s.copyin_timeout:g} s" if isinstance(e, TimeoutError)
-                    else _desc(e)
-                )
-                raise _SystemFailure(
-                    f"Error: Copy in to VM failed (status={status}): {detail}"
-                ) from None
-            steps["copyin"] = 0
-            job.log(f"Input copied for job {job.name}:{job.id} [status=0]")
+                    steps["copyin"] = 0
+                    job.log(f"Input copied for job {job.name}:{job.id} [status=0]")
 
-            # runJob: the autodriver stops the job at `timeout`; if runJob has
-            # not returned `runjob_grace` later, it is cancelled and the VM
-            # destroyed (by release below, as the VM is not healthy).
-            timeout = job.timeout or s.runjob_timeout
-            max_out = job.maxOutputFileSize or s.max_output_file_size
-            started = time.monotonic()
-            overhead.append(started - max(queued_at, lease.ready_at))
-            try:
-                with anyio.fail_after(timeout + s.runjob_grace):
-                    status = await driver.runJob(vm, timeout, max_out, job.disableNetwork)
-            except TimeoutError:
-                steps["runjob"] = -1
-                self.counters.runjob_timeouts += 1
-                job.log(f"Job {job.name}:{job.id} executed [status=-1]")
-                return _Final(
-                    Outcome.TIMEOUT,
-                    f"Error: Job timed out after {_secs(timeout)} seconds",
-                    feedback=None,
-                    extra=[
-                        f"runJob did not return within {_secs(timeout + s.runjob_grace)} s; "
-                        f"the job was stopped and VM {vm_name} destroyed"
-                    ],
-                )
-            except Exception as e:
-                steps["runjob"] = -1
-                self.counters.runjob_errors += 1
-                raise _SystemFailure(f"Internal error: runJob failed: {_desc(e)}") from None
-            steps["runjob"] = status
-            job.log(f"Job {job.name}:{job.id} executed [status={status}]")
+                    # The autodriver stops the job at `timeout`; if runJob has
+                    # not returned `runjob_grace` later it is cancelled, and the
+                    # VM destroyed (release below: it is not healthy).
+                    step = "runjob"
+                    started = time.monotonic()
+                    overhead.append(started - max(queued_at, lease.ready_at))
+                    deadline.deadline = anyio.current_time() + timeout + s.runjob_grace
+                    status = await driver.runJob(
+                        vm, timeout, job.maxOutputFileSize or s.max_output_file_size,
+                        job.disableNetwork,
+                    )
+                    steps["runjob"] = status
+                    job.log(f"Job {job.name}:{job.id} executed [status={status}]")
+
+                    if status != EXIT_OSERROR:
+                        step = "copyout"
+                        deadline.deadline = anyio.current_time() + s.copyout_timeout
+                        await driver.copyOut(vm, feedback)
+                        steps["copyout"] = 0
+                        job.log(f"Output copied for job {job.name}:{job.id} [status=0]")
+                except Exception as e:
+                    error = e
+            if deadline.cancelled_caught or error is not None:
+                return self._step_failed(step, error, steps, timeout, vm_name)
+
+            assert status is not None
             if status == EXIT_OSERROR:
                 self.counters.runjob_errors += 1
                 raise _SystemFailure("Error: OS error while running job on VM")
-
-            # copyOut
-            try:
-                with anyio.fail_after(s.copyout_timeout):
-                    await driver.copyOut(vm, feedback)
-            except Exception as e:
-                status_out = e.status if isinstance(e, VMMSError) else -1
-                steps["copyout"] = status_out
-                self.counters.copyout_errors += 1
-                detail = (
-                    f"timed out after {s.copyout_timeout:g} s" if isinstance(e, TimeoutError)
-                    else _desc(e)
-                )
-                _unlink(feedback)
-                raise _SystemFailure(
-                    f"Error: Copy out from VM failed (status={status_out}): {detail}"
-                ) from None
-            steps["copyout"] = 0
-            job.log(f"Output copied for job {job.name}:{job.id} [status=0]")
-
             if status == EXIT_OK:
                 healthy = True
                 return _Final(Outcome.SUCCESS, "Success: Autodriver returned normally",
@@ -456,6 +416,52 @@ class Scheduler:
         finally:
             pool.release(lease, healthy=healthy)
 
+    def _step_failed(
+        self,
+        step: str,
+        error: Exception | None,
+        steps: dict[str, int | None],
+        timeout: float,
+        vm_name: str,
+    ) -> _Final:
+        """Account for a step that raised (``error``) or overran (None).
+
+        A runJob that overran its deadline is the job's own timeout, a
+        normal result; anything else is a system error, raised to be retried.
+        """
+        s, c = self.settings, self.counters
+        code = error.status if isinstance(error, VMMSError) else -1
+        steps[step] = code
+        detail = _desc(error) if error is not None else None
+        if step == "waitvm":
+            if error is None:
+                c.waitvm_timeouts += 1
+                raise _SystemFailure(
+                    f"Internal error: waitVM timeout after {s.waitvm_timeout:g} secs"
+                )
+            raise _SystemFailure(f"Internal error: VM {vm_name} not ready: {detail}")
+        if step == "copyin":
+            c.copyin_errors += 1
+            detail = detail or f"timed out after {s.copyin_timeout:g} s"
+            raise _SystemFailure(f"Error: Copy in to VM failed (status={code}): {detail}")
+        if step == "runjob":
+            if error is None:
+                c.runjob_timeouts += 1
+                limit = _secs(timeout + s.runjob_grace)
+                return _Final(
+                    Outcome.TIMEOUT,
+                    f"Error: Job timed out after {_secs(timeout)} seconds",
+                    extra=[
+                        f"runJob did not return within {limit} s; "
+                        f"the job was stopped and VM {vm_name} destroyed"
+                    ],
+                )
+            c.runjob_errors += 1
+            raise _SystemFailure(f"Internal error: runJob failed: {detail}")
+        c.copyout_errors += 1
+        detail = detail or f"timed out after {s.copyout_timeout:g} s"
+        raise _SystemFailure(f"Error: Copy out from VM failed (status={code}): {detail}")
+
     async def _finish(
         self,
         h: JobHandle,
@@ -473,12 +479,11 @@ class Scheduler:
         lines.append(autograder_line(HERE_IS_OUTPUT))
         written = True
         try:
-            write_output_atomic(job.outputFile, "".join(lines), final.feedback)
+            finish_output(job.outputFile, "".join(lines), final.feedback)
         except OSError as e:
             written = False
             log.error("job %s:%s: could not write output file %s: %s", job.name, job.id,
                       job.outputFile, e)
-        finally:
             if final.feedback is not None:
                 _unlink(final.feedback)
         job.log(f"Job {job.name}:{job.id} finished: {final.message}")
