@@ -24,6 +24,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 
 from .config import Settings
 from .errors import JobError, PoolClosedError, VMMSError
@@ -292,6 +293,9 @@ class Scheduler:
                 if final is None:
                     reason = h._cancel_reason or "vmpool is shutting down"
                     final = _Final(Outcome.CANCELLED, f"Error: Job cancelled ({reason})")
+                # Let the job that was just handed our VM start its run before
+                # we spend time writing our output file.
+                await anyio.lowlevel.cancel_shielded_checkpoint()
                 await self._finish(h, final, failures, steps, overhead)
 
     async def _tries(
