@@ -1,0 +1,539 @@
+"""The local driver: VMs are sandboxes on this host (vmpool's embedded default).
+
+Each VM is
+
+- a directory ``<state_dir>/<owner>/<instance>/`` holding the job directory
+  (``job/``, mode 0700, owned by the VM's uid), a root-only ``out/`` for the
+  feedback file, the sandbox's ``passwd``/``group`` files, a copy of the
+  autodriver, and ``vm.json`` (so that ``getVMs`` finds sandboxes left by a
+  crashed process);
+- a dedicated unprivileged uid from ``uid_base`` .. ``uid_base+uid_count-1``,
+  claimed by an atomic ``mkdir`` under ``<state_dir>/uids/`` so that several
+  managers on one host never share one;
+- a cgroup (v2, or the v1 ``pids`` and ``memory`` hierarchies) with a pids
+  and a memory limit, when the cgroup file system is writable.
+
+runJob starts the autodriver inside bubblewrap: new pid, ipc, uts and (with
+``disableNetwork``) network namespaces, the host file system read-only, a
+private /tmp, /var/tmp, /dev/shm and /home, the state directory hidden, the
+job directory at ``/home/autograde/autolab``. The autodriver runs as root
+inside with only the capabilities it needs to switch to the VM's uid, kill
+the job's processes and clean up; the job runs as ``autograde`` (the VM's
+uid). Everything in the pid namespace dies with the sandbox.
+
+Without bubblewrap the driver refuses to start and names the package, unless
+``sandbox="rlimits"`` is asked for explicitly: the autodriver then runs on
+the host as root and drops to the VM's uid, with rlimits and the cgroup as
+the only fences (no namespaces: the network is not isolated).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+
+from vmpool.config import KIB, MIB
+from vmpool.errors import (
+    CopyInError,
+    CopyOutError,
+    DestroyVMError,
+    InitializeVMError,
+    RunJobError,
+    VMNotReadyError,
+)
+from vmpool.models import InputFile, TangoMachine
+from vmpool.vmms import VMMS, check_input_files
+
+from .cgroups import CgroupSet, cgroup_support
+
+AUTODRIVER = Path(__file__).resolve().parents[2] / "autodriver" / "autodriver.py"
+JOB_DIR_IN_SANDBOX = "/home/autograde/autolab"
+OUT_DIR_IN_SANDBOX = "/run/vmpool/out"
+AUTODRIVER_IN_SANDBOX = "/run/vmpool/autodriver.py"
+# What the autodriver needs as root inside the sandbox, and nothing else.
+SANDBOX_CAPS = (
+    "CAP_SETUID", "CAP_SETGID", "CAP_CHOWN", "CAP_FOWNER", "CAP_KILL",
+    "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH",
+)
+Sandbox = Literal["bwrap", "rlimits"]
+
+
+class BubblewrapMissing(InitializeVMError):
+    pass
+
+
+def _default_state_dir() -> str:
+    return os.environ.get("VMPOOL_LOCAL_DIR", "/var/lib/vmpool/local")
+
+
+class LocalVMMS(VMMS):
+    driver_name: ClassVar[str] = "local"
+
+    def __init__(
+        self,
+        *,
+        owner: str | None = None,
+        prefix: str = "local",
+        state_dir: str | None = None,
+        sandbox: Sandbox = "bwrap",
+        images: dict[str, str] | None = None,
+        uid_base: int = 61000,
+        uid_count: int = 1000,
+        memory_mb: int = 2048,
+        pids_max: int = 1024,
+        nproc: int = 100,
+        fsize: int = 100 * MIB,
+        cpu_seconds: int = 0,
+        python: str | None = None,
+        use_cgroups: bool = True,
+    ) -> None:
+        super().__init__(owner=owner, prefix=prefix)
+        if sandbox not in ("bwrap", "rlimits"):
+            raise ValueError(f"sandbox must be 'bwrap' or 'rlimits', got {sandbox!r}")
+        if os.geteuid() != 0:
+            raise InitializeVMError(
+                "the local driver gives every sandbox its own uid and needs root to do so; "
+                f"run vmpool as root (running as uid {os.geteuid()})"
+            )
+        self.bwrap = shutil.which("bwrap")
+        if sandbox == "bwrap" and self.bwrap is None:
+            raise BubblewrapMissing(
+                "the local driver runs jobs in bubblewrap, which is not installed: "
+                "apt-get install bubblewrap (or ask for the degraded mode explicitly with "
+                "driver option sandbox='rlimits': no namespaces, rlimits and uids only)"
+            )
+        if uid_base < 1000 or uid_count < 1:
+            raise ValueError(
+                f"need uid_base >= 1000 and uid_count >= 1, got {uid_base}, {uid_count}"
+            )
+        self.sandbox: Sandbox = sandbox
+        self.state_dir = Path(state_dir or _default_state_dir())
+        # An image names a root file system; by default the host's own.
+        self.images = dict(images) if images is not None else {
+            "default": "/", "local": "/", "autograding_image": "/",
+        }
+        for name, root in self.images.items():
+            if not Path(root).is_dir():
+                raise ValueError(f"image {name!r}: root file system {root} is not a directory")
+        self.uid_base = uid_base
+        self.uid_count = uid_count
+        self.memory_mb = memory_mb
+        self.pids_max = pids_max
+        self.nproc = nproc
+        self.fsize = fsize
+        self.cpu_seconds = cpu_seconds
+        self.python = python or "python3"
+        self.cgroups = cgroup_support() if use_cgroups else None
+        self._procs: dict[str, anyio.abc.Process] = {}
+        self._owner_dir.mkdir(parents=True, exist_ok=True)
+        (self.state_dir / "uids").mkdir(parents=True, exist_ok=True)
+        os.chmod(self.state_dir, 0o711)
+
+    # ----------------------------------------------------------- helpers
+
+    @property
+    def _owner_dir(self) -> Path:
+        return self.state_dir / self.owner
+
+    def _vm_dir(self, vm: TangoMachine) -> Path:
+        return self._owner_dir / self.instanceName(vm.id, vm.name)
+
+    def _claim_uid(self, instance: str) -> int:
+        for uid in range(self.uid_base, self.uid_base + self.uid_count):
+            claim = self.state_dir / "uids" / str(uid)
+            try:
+                claim.mkdir()
+            except FileExistsError:
+                continue
+            (claim / "owner").write_text(f"{self.owner}/{instance}\n")
+            return uid
+        raise InitializeVMError(
+            f"all {self.uid_count} sandbox uids from {self.uid_base} are in use"
+        )
+
+    def _release_uid(self, uid: int | None) -> None:
+        if uid is None:
+            return
+        shutil.rmtree(self.state_dir / "uids" / str(uid), ignore_errors=True)
+
+    def _cgroup(self, vm: TangoMachine) -> CgroupSet | None:
+        if self.cgroups is None:
+            return None
+        return self.cgroups.for_name(f"vmpool-{self.owner}-{self.instanceName(vm.id, vm.name)}")
+
+    def _memory_bytes(self, vm: TangoMachine) -> int:
+        return int((vm.memory or self.memory_mb) * MIB)
+
+    async def getImages(self) -> list[str]:
+        return sorted(self.images)
+
+    # ----------------------------------------------------------- VMMS
+
+    async def initializeVM(self, vm: TangoMachine) -> None:
+        if vm.image not in self.images:
+            raise InitializeVMError(
+                f"unknown image {vm.image!r} (local images: {', '.join(sorted(self.images))})"
+            )
+        instance = self.instanceName(vm.id, vm.name)
+        await anyio.to_thread.run_sync(self._create_sandbox, vm, instance)
+
+    def _create_sandbox(self, vm: TangoMachine, instance: str) -> None:
+        d = self._vm_dir(vm)
+        uid: int | None = None
+        try:
+            d.mkdir(mode=0o711)
+        except FileExistsError:
+            raise InitializeVMError(f"sandbox {d} already exists") from None
+        try:
+            uid = self._claim_uid(instance)
+            vm.instance_id = instance
+            vm.driver_data.update(dir=str(d), uid=uid)
+            self._write_meta(vm)
+            job = d / "job"
+            job.mkdir(mode=0o700)
+            os.chown(job, uid, uid)
+            out = d / "out"
+            out.mkdir(mode=0o700)
+            etc = d / "etc"
+            etc.mkdir(mode=0o755)
+            (etc / "passwd").write_text(
+                "root:x:0:0:root:/root:/bin/sh\n"
+                f"autograde:x:{uid}:{uid}:autograde:/home/autograde:/bin/sh\n"
+                "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+            )
+            (etc / "group").write_text(
+                f"root:x:0:\nautograde:x:{uid}:\nnogroup:x:65534:\n"
+            )
+            shutil.copyfile(AUTODRIVER, d / "autodriver.py")
+            os.chmod(d / "autodriver.py", 0o644)
+            cg = self._cgroup(vm)
+            if cg is not None:
+                cg.create(memory_bytes=self._memory_bytes(vm) + 64 * MIB,
+                          pids_max=self.pids_max)
+        except BaseException as e:
+            self._remove_sandbox(d, uid, vm)
+            if isinstance(e, InitializeVMError):
+                raise
+            raise InitializeVMError(f"creating sandbox {d} failed: {e}") from e
+
+    def _write_meta(self, vm: TangoMachine) -> None:
+        meta = {**vm.to_dict(), "driver_data": dict(vm.driver_data), "owner": self.owner}
+        path = Path(vm.driver_data["dir"]) / "vm.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(meta))
+        os.replace(tmp, path)
+
+    def _sandbox_cmd(self, vm: TangoMachine, argv: list[str], disable_network: bool) -> list[str]:
+        d = Path(vm.driver_data["dir"])
+        if self.sandbox == "rlimits":
+            return argv
+        assert self.bwrap is not None
+        root = self.images.get(vm.image or "", "/")
+        cmd = [self.bwrap, "--ro-bind", root, "/", "--dev", "/dev", "--proc", "/proc"]
+        for private in ("/tmp", "/var/tmp", "/dev/shm", "/run", "/home"):
+            cmd += ["--perms", "1777" if private != "/run" and private != "/home" else "0755",
+                    "--tmpfs", private]
+        # hide every sandbox's state (other jobs' directories included)
+        state = str(self.state_dir)
+        if root == "/" and Path(state).is_relative_to("/") and not state.startswith(
+            ("/tmp/", "/run/", "/home/", "/dev/shm/", "/var/tmp/")
+        ):
+            cmd += ["--tmpfs", state]
+        cmd += [
+            "--perms", "0755", "--dir", "/home/autograde",
+            "--bind", str(d / "job"), JOB_DIR_IN_SANDBOX,
+            "--perms", "0700", "--dir", "/run/vmpool",
+            "--bind", str(d / "out"), OUT_DIR_IN_SANDBOX,
+            "--ro-bind", str(d / "autodriver.py"), AUTODRIVER_IN_SANDBOX,
+            "--ro-bind", str(d / "etc" / "passwd"), "/etc/passwd",
+            "--ro-bind", str(d / "etc" / "group"), "/etc/group",
+            "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+            "--hostname", vm.instance_id or "sandbox",
+            "--die-with-parent", "--new-session",
+            "--cap-drop", "ALL",
+        ]
+        for cap in SANDBOX_CAPS:
+            cmd += ["--cap-add", cap]
+        if disable_network:
+            cmd.append("--unshare-net")
+        cmd += ["--chdir", "/", "--setenv", "HOME", "/root", "--setenv", "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "--"]
+        return cmd + argv
+
+    def _wrap_cgroup(self, vm: TangoMachine, cmd: list[str]) -> list[str]:
+        cg = self._cgroup(vm)
+        if cg is None or not cg.exists():
+            return cmd
+        # Enter the cgroup before exec: a shell writes its own pid, then
+        # becomes the sandbox (no preexec_fn: threads may be running).
+        enter = "; ".join(f'echo $$ > "{p}"' for p in cg.procs_files())
+        return ["/bin/sh", "-c", f'{enter} && exec "$@"', "vmpool-sandbox", *cmd]
+
+    async def _run(
+        self, vm: TangoMachine, cmd: list[str], *, limit: int = 64 * KIB
+    ) -> tuple[int, bytes]:
+        """Run ``cmd``; kill it (and its sandbox) if we are cancelled."""
+        key = vm.instance_id or str(vm.id)
+        proc = await anyio.open_process(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self._procs[key] = proc
+        out = bytearray()
+        try:
+            assert proc.stdout is not None
+            async for chunk in proc.stdout:
+                if len(out) < limit:
+                    out += chunk[: limit - len(out)]
+            code = await proc.wait()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                _kill_group(proc.pid)
+                with anyio.move_on_after(5):
+                    await proc.wait()
+            raise
+        finally:
+            self._procs.pop(key, None)
+            with contextlib.suppress(Exception):
+                await proc.aclose()
+        return code, bytes(out)
+
+    async def waitVM(self, vm: TangoMachine, max_secs: float) -> None:
+        d = vm.driver_data.get("dir")
+        if not d or not (Path(d) / "job").is_dir():
+            raise VMNotReadyError(f"sandbox of {vm.instance_id or vm.id} does not exist")
+        if vm.driver_data.get("verified"):
+            return
+        # Start the sandbox once: proves bubblewrap, namespaces and the
+        # cgroup work here, before a job depends on it.
+        cmd = self._wrap_cgroup(vm, self._sandbox_cmd(vm, [self.python, "-c", "pass"], True))
+        code, out = await self._run(vm, cmd)
+        if code != 0:
+            raise VMNotReadyError(
+                f"sandbox {vm.instance_id} does not start (exit {code}): "
+                f"{out.decode(errors='replace').strip()[:500]}"
+            )
+        vm.driver_data["verified"] = True
+
+    async def copyIn(self, vm: TangoMachine, inputFiles: Sequence[InputFile]) -> None:
+        check_input_files(inputFiles)
+        d = vm.driver_data.get("dir")
+        if not d:
+            raise CopyInError(f"VM {vm.id} has no sandbox")
+        await anyio.to_thread.run_sync(self._copy_in, Path(d) / "job", vm.driver_data["uid"],
+                                       list(inputFiles))
+
+    @staticmethod
+    def _copy_in(job: Path, uid: int, files: list[InputFile]) -> None:
+        for f in files:
+            dest = job / os.path.normpath(f.destFile)
+            try:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                # never write through a link the job may have planted
+                if dest.is_symlink():
+                    dest.unlink()
+                shutil.copyfile(f.localFile, dest, follow_symlinks=True)
+                os.chown(dest, uid, uid)
+                for parent in dest.relative_to(job).parents:
+                    if str(parent) != ".":
+                        os.chown(job / parent, uid, uid)
+            except OSError as e:
+                raise CopyInError(f"copying {f.localFile} to {f.destFile}: {e.strerror or e}",
+                                  status=e.errno or -1) from e
+
+    async def runJob(
+        self, vm: TangoMachine, runTimeout: float, maxOutputFileSize: int, disableNetwork: bool
+    ) -> int:
+        d = vm.driver_data.get("dir")
+        uid = vm.driver_data.get("uid")
+        if not d or uid is None:
+            raise RunJobError(f"VM {vm.id} has no sandbox")
+        d = Path(d)
+        feedback = d / "out" / "feedback"
+        with contextlib.suppress(FileNotFoundError):
+            feedback.unlink()
+        mem = self._memory_bytes(vm)
+        limits = [
+            "-u", str(self.nproc), "-f", str(self.fsize),
+            "-t", _num(runTimeout), "-o", str(maxOutputFileSize),
+            "--mem", str(mem),
+        ]
+        if self.cpu_seconds:
+            limits += ["--cpu", str(self.cpu_seconds)]
+        if self.sandbox == "bwrap":
+            argv = [self.python, AUTODRIVER_IN_SANDBOX, *limits, "--user", "autograde",
+                    "--output", f"{OUT_DIR_IN_SANDBOX}/feedback", "--no-cgroup",
+                    JOB_DIR_IN_SANDBOX]
+        else:
+            argv = [self.python, str(d / "autodriver.py"), *limits, "--user", f"#{uid}",
+                    "--output", str(feedback), "--no-cgroup", str(d / "job")]
+        cmd = self._wrap_cgroup(vm, self._sandbox_cmd(vm, argv, disableNetwork))
+        cg = self._cgroup(vm)
+        oom_before = cg.oom_kills() if cg is not None else 0
+        code, out = await self._run(vm, cmd)
+        if not feedback.exists():
+            text = out.decode(errors="replace").strip()
+            raise RunJobError(
+                f"the sandbox did not run the autodriver (exit {code}): {text[:500]}"
+            )
+        if cg is not None and cg.oom_kills() > oom_before:
+            _note_oom(feedback, mem)
+        return code
+
+    async def copyOut(self, vm: TangoMachine, destFile: str) -> None:
+        d = vm.driver_data.get("dir")
+        if not d:
+            raise CopyOutError(f"VM {vm.id} has no sandbox")
+        src = Path(d) / "out" / "feedback"
+        await anyio.to_thread.run_sync(_copy_capped, src, destFile, 64 * MIB)
+
+    async def destroyVM(self, vm: TangoMachine) -> None:
+        key = vm.instance_id or self.instanceName(vm.id, vm.name)
+        proc = self._procs.pop(key, None)
+        if proc is not None:
+            _kill_group(proc.pid)
+        d = Path(vm.driver_data.get("dir") or self._vm_dir(vm))
+        await anyio.to_thread.run_sync(self._remove_sandbox, d, vm.driver_data.get("uid"), vm)
+
+    def _remove_sandbox(self, d: Path, uid: int | None, vm: TangoMachine) -> None:
+        cg = self._cgroup(vm)
+        if cg is not None:
+            cg.kill_all()
+        if uid is not None:
+            _kill_uid(uid)
+        if d.exists():
+            shutil.rmtree(d, ignore_errors=True)
+            if d.exists():
+                raise DestroyVMError(f"sandbox {d} could not be removed")
+        if cg is not None:
+            cg.remove()
+        self._release_uid(uid)
+
+    async def safeDestroyVM(self, vm: TangoMachine) -> None:
+        await self.destroyVM(vm)
+        d = str(vm.driver_data.get("dir") or self._vm_dir(vm))
+        if await anyio.Path(d).exists():
+            raise DestroyVMError(f"sandbox {d} still exists after destroy")
+
+    async def getVMs(self) -> list[TangoMachine]:
+        return await anyio.to_thread.run_sync(self._scan)
+
+    def _scan(self) -> list[TangoMachine]:
+        vms: list[TangoMachine] = []
+        if not self._owner_dir.is_dir():
+            return vms
+        for d in sorted(self._owner_dir.iterdir()):
+            try:
+                meta = json.loads((d / "vm.json").read_text())
+            except (OSError, ValueError):
+                # a sandbox whose creation was cut short: still ours to remove
+                meta = {"name": d.name, "driver_data": {"dir": str(d)}}
+            data = meta.pop("driver_data", {}) or {}
+            meta.pop("owner", None)
+            fields = {k: v for k, v in meta.items() if k in TangoMachine.__dataclass_fields__}
+            vm = TangoMachine(**fields)
+            vm.driver_data.update(data)
+            vm.driver_data["dir"] = str(d)
+            vms.append(vm)
+        return vms
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "sandbox": self.sandbox,
+            "state_dir": str(self.state_dir),
+            "cgroups": self.cgroups.describe() if self.cgroups else None,
+        }
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _kill_uid(uid: int) -> None:
+    """Kill every process of ``uid`` (the VM's dedicated uid), bounded."""
+    for _ in range(20):
+        pids = _pids_of_uid(uid)
+        if not pids:
+            return
+        pid = os.fork()
+        if pid == 0:  # child: become the uid, signal everything it may signal
+            try:
+                os.setgid(uid)
+                os.setuid(uid)
+                if os.getuid() == uid and os.geteuid() == uid:
+                    os.kill(-1, signal.SIGKILL)
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        for p in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(p, signal.SIGKILL)
+
+
+def _pids_of_uid(uid: int) -> list[int]:
+    pids = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/status") as f:
+                for line in f:
+                    if line.startswith("Uid:"):
+                        if str(uid) in line.split()[1:]:
+                            pids.append(int(entry.name))
+                        break
+        except OSError:
+            continue
+    return pids
+
+
+def _copy_capped(src: Path, dest: str, cap: int) -> None:
+    try:
+        with open(src, "rb") as fin, open(dest, "wb") as fout:
+            remaining = cap
+            while remaining > 0:
+                chunk = fin.read(min(1 << 20, remaining))
+                if not chunk:
+                    break
+                fout.write(chunk)
+                remaining -= len(chunk)
+    except OSError as e:
+        code = e.errno or -1
+        raise CopyOutError(f"copying the feedback file: {e.strerror or e}", status=code) from e
+
+
+def _note_oom(feedback: Path, mem: int) -> None:
+    """Say so when the sandbox's cgroup OOM-killed something the autodriver missed."""
+    line = f"Autodriver: memory limit of {mem} bytes exceeded"
+    try:
+        text = feedback.read_bytes()
+    except OSError:
+        return
+    if line.encode() in text:
+        return
+    head, sep, rest = text.partition(b"\n")
+    feedback.write_bytes(head + sep + line.encode() + b"\n" + rest)
+
+
+if sys.platform != "linux":  # pragma: no cover
+    raise ImportError("the local driver runs on Linux only")
