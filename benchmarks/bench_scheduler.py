@@ -61,7 +61,9 @@ async def run_scenario(
         gc.collect()
         gc.freeze()
         gc.set_threshold(100_000, 50, 100)
-    settings = Settings(pool_size=sc.pool, reuse_vms=reuse, create_concurrency=sc.pool)
+    settings = Settings(
+        pool_size=sc.pool, reuse_vms=reuse, create_concurrency=sc.pool, default_vmms="sim"
+    )
     out = workdir / sc.name
     out.mkdir()
     makefile = workdir.parent / "Makefile"

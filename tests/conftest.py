@@ -62,4 +62,5 @@ def fast() -> Settings:
         backoff_initial=0.01,
         backoff_max=0.05,
         pool_size=2,
+        default_vmms="sim",
     )

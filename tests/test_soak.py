@@ -61,6 +61,7 @@ async def test_soak_with_faults_on_every_call(new_job: JobFactory) -> None:
         pool_size=16,
         pool_max_size=24,
         create_concurrency=8,
+        default_vmms="sim",
     )
     ended: Counter[int] = Counter()
     handles: list[JobHandle] = []

@@ -30,8 +30,8 @@ from .manager import Manager, make_job
 from .registry import available_drivers
 from .scheduler import JobHandle, JobResult, Outcome
 
-DEFAULT_DRIVER = "sim"
-DEFAULT_IMAGES = {"sim": "sim.img"}
+DEFAULT_DRIVER = "local"
+DEFAULT_IMAGES = {"sim": "sim.img", "local": "default"}
 
 
 def job_files(jobdir: Path) -> list[tuple[str, str]]:

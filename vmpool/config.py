@@ -43,7 +43,7 @@ class Settings:
     backoff_max: float = 30.0
     prefix: str = "local"
     #: driver used when a job's VM names none
-    default_vmms: str = "sim"
+    default_vmms: str = "local"
     #: options handed to each driver's constructor, by driver name
     driver_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 

@@ -8,7 +8,7 @@ Each VM is
   autodriver, and ``vm.json`` (so that ``getVMs`` finds sandboxes left by a
   crashed process);
 - a dedicated unprivileged uid from ``uid_base`` .. ``uid_base+uid_count-1``,
-  claimed by an atomic ``mkdir`` under ``<state_dir>/uids/`` so that several
+  claimed by an atomic ``mkdir`` under ``/run/vmpool/uids/`` so that several
   managers on one host never share one;
 - a cgroup (v2, or the v1 ``pids`` and ``memory`` hierarchies) with a pids
   and a memory limit, when the cgroup file system is writable.
@@ -98,6 +98,7 @@ class LocalVMMS(VMMS):
         cpu_seconds: int = 0,
         python: str | None = None,
         use_cgroups: bool = True,
+        uid_dir: str = "/run/vmpool/uids",
     ) -> None:
         super().__init__(owner=owner, prefix=prefix)
         if sandbox not in ("bwrap", "rlimits"):
@@ -127,6 +128,9 @@ class LocalVMMS(VMMS):
         for name, root in self.images.items():
             if not Path(root).is_dir():
                 raise ValueError(f"image {name!r}: root file system {root} is not a directory")
+        # Claims are host-wide (whatever the state directory): two sandboxes
+        # sharing a uid could kill each other's processes.
+        self.uid_dir = Path(uid_dir)
         self.uid_base = uid_base
         self.uid_count = uid_count
         self.memory_mb = memory_mb
@@ -138,7 +142,7 @@ class LocalVMMS(VMMS):
         self.cgroups = cgroup_support() if use_cgroups else None
         self._procs: dict[str, anyio.abc.Process] = {}
         self._owner_dir.mkdir(parents=True, exist_ok=True)
-        (self.state_dir / "uids").mkdir(parents=True, exist_ok=True)
+        self.uid_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o711)
 
     # ----------------------------------------------------------- helpers
@@ -152,7 +156,7 @@ class LocalVMMS(VMMS):
 
     def _claim_uid(self, instance: str) -> int:
         for uid in range(self.uid_base, self.uid_base + self.uid_count):
-            claim = self.state_dir / "uids" / str(uid)
+            claim = self.uid_dir / str(uid)
             try:
                 claim.mkdir()
             except FileExistsError:
@@ -166,7 +170,7 @@ class LocalVMMS(VMMS):
     def _release_uid(self, uid: int | None) -> None:
         if uid is None:
             return
-        shutil.rmtree(self.state_dir / "uids" / str(uid), ignore_errors=True)
+        shutil.rmtree(self.uid_dir / str(uid), ignore_errors=True)
 
     def _cgroup(self, vm: TangoMachine) -> CgroupSet | None:
         if self.cgroups is None:
