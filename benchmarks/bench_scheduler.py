@@ -31,6 +31,7 @@ import anyio
 
 from drivers.sim import SimVMMS
 from vmpool import Manager, Outcome, Settings, make_job
+from vmpool.stats import percentile
 
 
 @dataclass
@@ -45,12 +46,21 @@ class Scenario:
         return self.pool / self.run_latency if self.run_latency else None
 
 
-def pct(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    k = min(len(values) - 1, max(0, round(p / 100 * (len(values) - 1))))
-    return values[k]
+
+async def timer_floor(sc: Scenario) -> float:
+    """jobs/s of ``pool`` bare loops of ``anyio.sleep(runJob latency)``: what the
+    event loop's timers allow before any scheduling work (the ideal's real floor)."""
+    per_loop = sc.jobs // sc.pool
+
+    async def loop() -> None:
+        for _ in range(per_loop):
+            await anyio.sleep(sc.run_latency)
+
+    t0 = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for _ in range(sc.pool):
+            tg.start_soon(loop)
+    return per_loop * sc.pool / (time.perf_counter() - t0)
 
 
 async def run_scenario(
@@ -86,6 +96,7 @@ async def run_scenario(
     overheads = [r.dispatch_overhead for r in results if r and r.dispatch_overhead is not None]
     assert sim.live == {}
     rate = sc.jobs / elapsed
+    floor = await timer_floor(sc) if sc.run_latency else None
     return {
         "scenario": sc.name,
         "jobs": sc.jobs,
@@ -98,8 +109,10 @@ async def run_scenario(
         "jobs_per_s": round(rate, 1),
         "ideal_jobs_per_s": sc.ideal,
         "efficiency": round(rate / sc.ideal, 3) if sc.ideal else None,
-        "dispatch_p50_ms": round(pct(overheads, 50) * 1e3, 3),
-        "dispatch_p99_ms": round(pct(overheads, 99) * 1e3, 3),
+        "timer_floor_jobs_per_s": round(floor, 1) if floor else None,
+        "vs_timer_floor": round(rate / floor, 3) if floor else None,
+        "dispatch_p50_ms": round(percentile(overheads, 50) * 1e3, 3),
+        "dispatch_p99_ms": round(percentile(overheads, 99) * 1e3, 3),
         "dispatch_mean_ms": round(statistics.fmean(overheads) * 1e3, 3),
     }
 
@@ -124,7 +137,9 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, object]]:
                 print(
                     f"{row['scenario']:<20} reuse={reuse!s:<5} {row['jobs']:>6} jobs "
                     f"{row['elapsed_s']:>7.2f} s  {row['jobs_per_s']:>8.1f} jobs/s"
-                    + (f" (ideal {row['ideal_jobs_per_s']:.0f}, {row['efficiency']:.0%})"
+                    + (f" (ideal {row['ideal_jobs_per_s']:.0f}: {row['efficiency']:.0%};"
+                       f" timer floor {row['timer_floor_jobs_per_s']:.0f}:"
+                       f" {row['vs_timer_floor']:.0%})"
                        if row["ideal_jobs_per_s"] else "")
                     + f"  dispatch p50 {row['dispatch_p50_ms']:.3f} ms"
                     f" p99 {row['dispatch_p99_ms']:.3f} ms",

@@ -29,6 +29,7 @@ from .errors import JobError, UnknownDriverError, VMPoolError
 from .manager import Manager, make_job
 from .registry import available_drivers
 from .scheduler import JobHandle, JobResult, Outcome
+from .stats import percentile
 
 DEFAULT_DRIVER = "local"
 DEFAULT_IMAGES = {"sim": "sim.img", "local": "default"}
@@ -145,16 +146,12 @@ def report(
         lat = sorted(r.finished_at - r.submitted_at for r in results if r)
         print(f"{n} jobs in {elapsed:.2f} s ({n / max(elapsed, 1e-9):.1f} jobs/s)")
         print("outcomes: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
-        print(f"latency p50 {_pct(lat, 50) * 1e3:.1f} ms, p99 {_pct(lat, 99) * 1e3:.1f} ms")
+        p50, p99 = percentile(lat, 50), percentile(lat, 99)
+        print(f"latency p50 {p50 * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms")
         print(f"output files in {out_dir}")
     ok = all(r is not None and r.outcome is Outcome.SUCCESS for r in results)
     return 0 if ok else 1
 
-
-def _pct(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
 def info(msg: str) -> None:
