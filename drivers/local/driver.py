@@ -34,6 +34,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -120,7 +121,8 @@ class LocalVMMS(VMMS):
                 f"need uid_base >= 1000 and uid_count >= 1, got {uid_base}, {uid_count}"
             )
         self.sandbox: Sandbox = sandbox
-        self.state_dir = Path(state_dir or _default_state_dir())
+        # absolute: the sandbox hides it by path, and bubblewrap binds from it
+        self.state_dir = Path(state_dir or _default_state_dir()).absolute()
         # An image names a root file system; by default the host's own.
         self.images = dict(images) if images is not None else {
             "default": "/", "local": "/", "autograding_image": "/",
@@ -144,6 +146,18 @@ class LocalVMMS(VMMS):
         self._owner_dir.mkdir(parents=True, exist_ok=True)
         self.uid_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o711)
+        os.chmod(self._owner_dir, 0o711)  # whatever the umask
+        self._release_stale_claims()
+        if sandbox == "rlimits":
+            # No bind mount: the job reaches its directory through the state
+            # directory's ancestors, as its own uid.
+            closed = _closed_to_others(self.state_dir)
+            if closed is not None:
+                raise InitializeVMError(
+                    f"sandbox='rlimits' runs jobs on the host as their own uid in "
+                    f"{self._owner_dir}/<vm>/job, but {closed} is not searchable by other "
+                    "users: choose a state_dir outside it (or chmod o+x it)"
+                )
 
     # ----------------------------------------------------------- helpers
 
@@ -166,6 +180,17 @@ class LocalVMMS(VMMS):
         raise InitializeVMError(
             f"all {self.uid_count} sandbox uids from {self.uid_base} are in use"
         )
+
+    def _release_stale_claims(self) -> None:
+        """Release uids this owner claimed for sandboxes that no longer exist
+        (a crash between claiming and recording, or removing and releasing)."""
+        for claim in self.uid_dir.iterdir():
+            try:
+                owner, _, instance = (claim / "owner").read_text().strip().partition("/")
+            except OSError:
+                continue
+            if owner == self.owner and not (self._owner_dir / instance).exists():
+                shutil.rmtree(claim, ignore_errors=True)
 
     def _release_uid(self, uid: int | None) -> None:
         if uid is None:
@@ -460,6 +485,15 @@ class LocalVMMS(VMMS):
             "state_dir": str(self.state_dir),
             "cgroups": self.cgroups.describe() if self.cgroups else None,
         }
+
+
+def _closed_to_others(path: Path) -> Path | None:
+    """The first directory from / down to ``path`` that other users cannot search."""
+    path = path.resolve()
+    for d in [*reversed(path.parents), path]:
+        if not os.stat(d).st_mode & stat.S_IXOTH:
+            return d
+    return None
 
 
 def _num(x: float) -> str:

@@ -1,0 +1,947 @@
+"""The adversarial set, end to end through the local driver.
+
+Manager -> pool -> scheduler -> LocalVMMS -> bubblewrap -> autodriver, on
+this host, as root. Every test gets its own owner, state directory (in its
+tmp dir) and range of sandbox uids (62000.. in steps of 50, apart from the
+other test modules'), and afterwards nothing of it may be left: no process
+of its uids, no uid claim, no cgroup, no sandbox directory (checked by the
+``local`` fixture).
+
+Jobs that must be caught "while running" tell the test so over TCP to a
+listener on 127.0.0.1 (the Beacon): the tests wait on events, not on sleeps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import re
+import shutil
+import socket
+import stat
+import subprocess
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import pytest
+
+from drivers.local import LocalVMMS
+from drivers.local.driver import BubblewrapMissing
+from vmpool import (
+    InitializeVMError,
+    InputFile,
+    JobError,
+    JobHandle,
+    JobResult,
+    Manager,
+    Outcome,
+    Settings,
+    TangoJob,
+    TangoMachine,
+    UnsafePathError,
+    make_job,
+)
+
+from .conftest import autograder_re
+
+UID_BASE = 62000
+UIDS = 50  # uids per test
+IMAGE = "default"
+ELISION = b"\n...[excess bytes elided]...\n"
+MIB = 1024 * 1024
+_slots = itertools.count()
+
+
+# --------------------------------------------------------------------------
+# Helpers
+
+
+class TimedLocal(LocalVMMS):
+    """The local driver, noting when each runJob starts (nothing else changes)."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.runjob_started: dict[str, float] = {}
+
+    async def runJob(
+        self, vm: TangoMachine, runTimeout: float, maxOutputFileSize: int, disableNetwork: bool
+    ) -> int:
+        self.runjob_started[vm.instance_id or ""] = time.monotonic()
+        return await super().runJob(vm, runTimeout, maxOutputFileSize, disableNetwork)
+
+
+def processes_of(uids: set[int]) -> list[str]:
+    """Live (non-zombie) processes with one of ``uids`` as real, effective or saved uid."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            status = Path(f"/proc/{name}/status").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        ids = {int(v) for v in fields.get("Uid", "").split()[:3]}
+        state = fields.get("State", "?").strip()[:1]
+        if ids & uids and state not in ("Z", "X"):
+            found.append(f"{name} {fields.get('Name', '').strip()} uids={sorted(ids)}")
+    return found
+
+
+def disk_usage(root: Path) -> int:
+    """Bytes of disk the files under ``root`` occupy (st_blocks, links not followed)."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            with contextlib.suppress(FileNotFoundError):
+                total += os.lstat(os.path.join(dirpath, f)).st_blocks * 512
+    return total
+
+
+def files_larger_than(root: Path, limit: int) -> list[str]:
+    big = []
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            p = os.path.join(dirpath, f)
+            with contextlib.suppress(FileNotFoundError):
+                if os.lstat(p).st_size > limit:
+                    big.append(p)
+    return big
+
+
+def read_lines(h: JobHandle) -> list[str]:
+    return Path(h.job.outputFile).read_text(errors="replace").splitlines()
+
+
+def check_output(h: JobHandle, closing: str, autodriver: list[str]) -> list[str]:
+    """Assert Tango's lines, then that the autodriver's output starts with
+    ``autodriver``; returns the autodriver's lines."""
+    out = read_lines(h)
+    assert len(out) >= 4, out
+    assert re.fullmatch(autograder_re(f"Received job {h.job.name}:{h.id}"), out[0]), out
+    assert re.fullmatch(autograder_re(closing), out[1]), out
+    assert re.fullmatch(autograder_re("Here is the output from the autograder:"), out[2]), out
+    assert out[3] == "---", out
+    assert out[4 : 4 + len(autodriver)] == autodriver, out
+    return out[4:]
+
+
+async def finish(h: JobHandle, limit: float = 30) -> JobResult:
+    with anyio.fail_after(limit):
+        return await h.wait()
+
+
+async def warm(mgr: Manager, n: int = 1, **spec: Any) -> None:
+    pool = await mgr.ensure_pool(IMAGE, **spec)
+    with anyio.fail_after(30):
+        await pool.wait_until(lambda s: s.free >= n)
+
+
+BEACON_PY = """\
+import socket, sys
+port, token = int(sys.argv[1]), sys.argv[2]
+try:
+    s = socket.create_connection(("127.0.0.1", port), timeout=2)
+except OSError as e:
+    print("failed:", e.strerror or e, flush=True)
+    sys.exit(0)
+s.sendall(token.encode() + b"\\n")
+print("connected", flush=True)
+if sys.argv[3:] == ["hold"]:
+    s.settimeout(None)
+    s.recv(1)  # until the test releases us (or kills us)
+"""
+
+
+class Beacon:
+    """A TCP listener on 127.0.0.1 that jobs report to: ``beacon.py PORT TOKEN [hold]``.
+
+    Each connection sends one token line; with ``hold`` the job then waits
+    until the test calls :meth:`release` (or the job is killed).
+    """
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.connections = 0
+        self.tokens: list[str] = []
+        self._seen: defaultdict[str, anyio.Event] = defaultdict(anyio.Event)
+        self._release: defaultdict[str, anyio.Event] = defaultdict(anyio.Event)
+
+    async def wait(self, token: str, limit: float = 20) -> None:
+        with anyio.fail_after(limit):
+            await self._seen[token].wait()
+
+    def release(self, token: str) -> None:
+        self._release[token].set()
+
+    async def handle(self, stream: anyio.abc.SocketStream) -> None:
+        self.connections += 1
+        async with stream:
+            data = b""
+            try:
+                with anyio.fail_after(10):
+                    while not data.endswith(b"\n"):
+                        data += await stream.receive()
+            except (anyio.EndOfStream, anyio.BrokenResourceError, TimeoutError):
+                return
+            token = data.decode().strip()
+            self.tokens.append(token)
+            self._seen[token].set()
+            async with anyio.create_task_group() as tg:
+
+                async def released() -> None:
+                    await self._release[token].wait()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(released)
+                with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+                    while True:
+                        await stream.receive()
+                tg.cancel_scope.cancel()
+
+
+@contextlib.asynccontextmanager
+async def beacon() -> AsyncIterator[Beacon]:
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    b = Beacon(listener.extra(anyio.abc.SocketAttribute.local_port))
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, b.handle)
+        try:
+            yield b
+        finally:
+            tg.cancel_scope.cancel()
+
+
+class Local:
+    """One test's owner, state directory and uid range, and its job factory."""
+
+    def __init__(self, tmp: Path, slot: int) -> None:
+        self.tmp = tmp
+        self.owner = f"tld{slot}-{os.getpid()}"
+        self.state = tmp / "state"
+        self.uid_base = UID_BASE + UIDS * slot
+        self.uids = set(range(self.uid_base, self.uid_base + UIDS))
+        self.extra_state_dirs: list[Path] = []
+        (tmp / "out").mkdir()
+
+    def driver(self, **kw: Any) -> TimedLocal:
+        kw.setdefault("state_dir", str(self.state))
+        return TimedLocal(owner=self.owner, uid_base=self.uid_base, uid_count=UIDS, **kw)
+
+    def settings(self, **kw: Any) -> Settings:
+        base: dict[str, Any] = dict(
+            default_vmms="local",
+            pool_size=1,
+            runjob_grace=3.0,
+            waitvm_timeout=20,
+            initializevm_timeout=30,
+            copyin_timeout=20,
+            copyout_timeout=20,
+            destroy_timeout=20,
+            backoff_initial=0.05,
+            backoff_max=1.0,
+        )
+        base.update(kw)
+        return Settings(**base)
+
+    def job(
+        self,
+        name: str,
+        recipe: list[str],
+        files: dict[str, str] | None = None,
+        **kw: Any,
+    ) -> TangoJob:
+        d = self.tmp / "jobs" / name
+        d.mkdir(parents=True)
+        (d / "Makefile").write_text("all:\n" + "".join(f"\t{line}\n" for line in recipe))
+        inputs = [(str(d / "Makefile"), "Makefile")]
+        for fname, text in (files or {}).items():
+            (d / fname).write_text(text)
+            inputs.append((str(d / fname), fname))
+        return make_job(IMAGE, inputs, str(self.tmp / "out" / f"{name}.out"), name=name, **kw)
+
+    def owner_dirs(self) -> list[Path]:
+        return [s / self.owner for s in (self.state, *self.extra_state_dirs)]
+
+    def cgroups(self) -> list[Path]:
+        found: list[Path] = []
+        for ctrl in ("pids", "memory", ""):
+            parent = Path("/sys/fs/cgroup") / ctrl / "vmpool"
+            if parent.is_dir():
+                found.extend(parent.glob(f"vmpool-{self.owner}-*"))
+        return found
+
+    def claims(self) -> list[Path]:
+        return [
+            p for uid in sorted(self.uids) if (p := Path("/run/vmpool/uids") / str(uid)).exists()
+        ]
+
+    def leftovers(self) -> dict[str, list[str]]:
+        left = {
+            "processes": processes_of(self.uids),
+            "uid claims": [str(p) for p in self.claims()],
+            "cgroups": [str(p) for p in self.cgroups()],
+            "sandboxes": [str(p) for d in self.owner_dirs() if d.is_dir() for p in d.iterdir()],
+        }
+        return {k: v for k, v in left.items() if v}
+
+    async def clean(self) -> None:
+        """Remove whatever a failed test left, so that it does not leak."""
+        for state in (self.state, *self.extra_state_dirs):
+            if (state / self.owner).is_dir():
+                drv = self.driver(state_dir=str(state))
+                for vm in await drv.getVMs():
+                    with contextlib.suppress(Exception):
+                        await drv.destroyVM(vm)
+        for cg in self.cgroups():
+            with contextlib.suppress(OSError):
+                cg.rmdir()
+        for claim in self.claims():
+            shutil.rmtree(claim, ignore_errors=True)
+
+
+@pytest.fixture
+async def local(tmp_path: Path) -> AsyncIterator[Local]:
+    env = Local(tmp_path, next(_slots))
+    # what a killed earlier run may have left in this uid range is not ours
+    before = env.leftovers()
+    yield env
+    left = {
+        k: new
+        for k, v in env.leftovers().items()
+        if (new := sorted(set(v) - set(before.get(k, []))))
+    }
+    if left:
+        await env.clean()
+    for d in env.extra_state_dirs:
+        shutil.rmtree(d, ignore_errors=True)
+    assert left == {}, f"left behind: {left}"
+
+
+# --------------------------------------------------------------------------
+# 1. hello
+
+
+async def test_hello_runs_as_the_vms_uid_in_the_sandbox(local: Local) -> None:
+    drv = local.driver()
+    async with Manager(local.settings(), drivers={"local": drv}) as mgr:
+        job = local.job("hello", ["@echo hello", "@id -u", "@hostname", "@pwd"], timeout=10)
+        h = await mgr.submit(job)
+        r = await finish(h)
+        assert h.vm is not None
+        uid, instance = h.vm.driver_data["uid"], h.vm.instance_id
+    assert r.outcome is Outcome.SUCCESS and r.exit_status == 0 and r.retries == 0
+    assert r.steps == {"waitvm": 0, "copyin": 0, "runjob": 0, "copyout": 0}
+    assert check_output(h, "Success: Autodriver returned normally", []) == [
+        "Autodriver: Job exited with status 0",
+        "hello",
+        str(uid),
+        instance,
+        "/home/autograde/autolab",
+    ]
+    assert uid != 0 and uid in local.uids
+    assert instance == f"local-{h.vm.id}-default" != socket.gethostname()
+    # the output file only: no temporary file beside it
+    assert [p.name for p in (local.tmp / "out").iterdir()] == ["hello.out"]
+
+
+# --------------------------------------------------------------------------
+# 2 and 7. timeouts: a busy loop, a job ignoring SIGTERM
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        ["@echo started", "@while :; do :; done"],
+        ["@echo started", "@trap '' TERM HUP INT; while :; do :; done"],
+    ],
+    ids=["busy-loop", "ignores-sigterm"],
+)
+async def test_timeout_stops_the_job_and_all_its_processes(local: Local, recipe: list[str]) -> None:
+    drv = local.driver()
+    async with Manager(local.settings(), drivers={"local": drv}) as mgr:
+        await warm(mgr)
+        h = await mgr.submit(local.job("loop", recipe, timeout=1))
+        r = await finish(h)
+        assert h.vm is not None and h.vm.instance_id is not None
+        uid = h.vm.driver_data["uid"]
+        left = processes_of({uid})  # right away: before the VM is destroyed
+        took = r.finished_at - drv.runjob_started[h.vm.instance_id]
+    assert r.outcome is Outcome.TIMEOUT and r.exit_status == 2 and r.retries == 0
+    assert check_output(h, "Error: Job timed out after 1 seconds", []) == [
+        "Autodriver: Job timed out after 1 seconds",
+        "started",
+    ]
+    assert 1 <= took < 1 + 2, took
+    assert left == []
+
+
+# --------------------------------------------------------------------------
+# 3. fork bomb
+
+FORK_BOMB_PY = """\
+import os
+print("bombing", flush=True)
+while True:
+    try:
+        os.fork()
+    except OSError:
+        pass
+"""
+
+
+@pytest.mark.parametrize(
+    ("nproc", "pids_max"), [(40, 1024), (1000, 60)], ids=["nproc-binds", "cgroup-pids-binds"]
+)
+async def test_fork_bomb_is_contained(local: Local, nproc: int, pids_max: int) -> None:
+    drv = local.driver(nproc=nproc, pids_max=pids_max)
+    assert drv.cgroups is not None  # the pids limit is part of what is tested
+    async with Manager(local.settings(), drivers={"local": drv}) as mgr:
+        await warm(mgr)
+        (vm,) = mgr.inventory()
+        uid = vm.driver_data["uid"]
+        cg = drv._cgroup(vm)
+        assert cg is not None
+        job = local.job("bomb", ["@python3 bomb.py"], {"bomb.py": FORK_BOMB_PY}, timeout=2)
+        start = time.monotonic()
+        h = await mgr.submit(job)
+        counts, in_cgroup, latencies = [], [], []
+        while not h.done():
+            counts.append(len(processes_of({uid})))
+            in_cgroup.append(len(cg.pids()))
+            t = time.monotonic()
+            await anyio.run_process(["true"])  # is the machine responsive?
+            latencies.append(time.monotonic() - t)
+            with anyio.move_on_after(0.1):  # measure every 0.1 s until the job ends
+                await h.wait()
+        r = await finish(h)
+        elapsed = time.monotonic() - start
+        left = processes_of({uid})
+    print(
+        f"fork bomb: {elapsed:.2f}s, max {max(counts)} processes of the uid, "
+        f"max {max(in_cgroup)} in the cgroup, worst latency {max(latencies) * 1000:.0f} ms"
+    )
+    assert r.outcome is Outcome.TIMEOUT and r.retries == 0
+    assert check_output(h, "Error: Job timed out after 2 seconds", []) == [
+        "Autodriver: Job timed out after 2 seconds",
+        "bombing",
+    ]
+    assert elapsed < 2 + 2
+    # RLIMIT_NPROC (+ the autodriver's kill helper), and the cgroup's pids.max
+    # (which also counts the sandbox's own processes)
+    assert max(counts) <= min(nproc + 1, pids_max)
+    assert max(in_cgroup) <= pids_max
+    assert max(in_cgroup) >= min(nproc, pids_max) - 5  # the bomb did reach the limit
+    assert max(latencies) < 1
+    assert left == []
+
+
+# --------------------------------------------------------------------------
+# 4. output flood
+
+
+async def test_output_flood_is_capped_and_never_reaches_the_disk(local: Local) -> None:
+    cap = 100_000
+    drv = local.driver()
+    settings = local.settings(reuse_vms=True)
+    async with Manager(settings, drivers={"local": drv}) as mgr:
+        await warm(mgr)
+        before = disk_usage(local.state)
+        job = local.job(
+            "flood",
+            ["@head -c 1000000000 /dev/zero | tr '\\0' a", "@echo", "@echo LAST-LINE"],
+            timeout=60,
+            max_output=cap,
+        )
+        h = await mgr.submit(job)
+        usage = [before]
+        while not h.done():
+            usage.append(disk_usage(local.state))
+            with anyio.move_on_after(0.2):  # sample every 0.2 s until the job ends
+                await h.wait()
+        r = await finish(h, 90)
+        usage.append(disk_usage(local.state))
+        big = files_larger_than(local.state, cap + 1024)
+    print(
+        f"flood: {r.finished_at - r.submitted_at:.2f}s, state dir grew by at most "
+        f"{max(usage) - before} bytes"
+    )
+    assert r.outcome is Outcome.SUCCESS and r.retries == 0
+    check_output(
+        h, "Success: Autodriver returned normally", ["Autodriver: Job exited with status 0"]
+    )
+    data = Path(h.job.outputFile).read_bytes()
+    body = data[data.index(b"---\n") + 4 :]
+    tail = b"a" * (cap // 2 - len(b"\nLAST-LINE\n")) + b"\nLAST-LINE\n"
+    assert body == b"Autodriver: Job exited with status 0\n" + b"a" * (cap // 2) + ELISION + tail
+    assert len(data) <= cap + len(ELISION) + 400
+    assert max(usage) - before <= cap + 64 * 1024
+    assert big == []
+
+
+# --------------------------------------------------------------------------
+# 5. memory bombs
+
+MEMORY_BOMB_PY = """\
+chunks = []
+while True:
+    chunks.append(b"x" * 10**6)  # touched memory, 1 MB at a time
+"""
+
+# Four processes of 40 MB each: every one fits the per-process limit
+# (RLIMIT_AS 64 MiB), together they exceed the sandbox's cgroup (64 + 64 MiB),
+# so the cgroup's OOM killer, not the rlimit, stops them.
+CGROUP_BOMB_PY = """\
+import os, sys, time
+for _ in range(4):
+    if os.fork() == 0:
+        x = bytearray(40 * 10**6)
+        for i in range(0, len(x), 4096):
+            x[i] = 1
+        time.sleep(1000)
+        os._exit(0)
+pid, status = os.wait()
+sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+print("a child was killed by signal %s" % sig, flush=True)
+sys.exit(1)
+"""
+
+
+@pytest.mark.parametrize(
+    ("script", "says"),
+    [
+        (MEMORY_BOMB_PY, "MemoryError"),
+        (CGROUP_BOMB_PY, "a child was killed by signal 9"),
+    ],
+    ids=["one-process", "many-processes-cgroup-oom"],
+)
+async def test_memory_bomb_is_killed_and_reported(local: Local, script: str, says: str) -> None:
+    drv = local.driver()
+    assert drv.cgroups is not None
+    async with Manager(local.settings(), drivers={"local": drv}) as mgr:
+        job = local.job("mem", ["@python3 bomb.py"], {"bomb.py": script}, timeout=20, memory=64)
+        h = await mgr.submit(job)
+        r = await finish(h)
+        assert h.vm is not None and h.vm.memory == 64
+        left = processes_of({h.vm.driver_data["uid"]})
+    assert r.outcome is Outcome.SUCCESS and r.retries == 0
+    out = check_output(
+        h,
+        "Success: Autodriver returned normally",
+        [
+            "Autodriver: Job exited with status 2",
+            f"Autodriver: memory limit of {64 * MIB} bytes exceeded",
+        ],
+    )
+    assert says in out
+    assert r.finished_at - r.submitted_at < 15
+    assert left == []
+
+
+# --------------------------------------------------------------------------
+# 6. setsid and daemons
+
+DAEMON_PY = """\
+import os, sys, time
+if os.fork():
+    os._exit(0)
+os.setsid()
+if os.fork():
+    os._exit(0)
+print("daemon up", flush=True)
+time.sleep(1000)
+"""
+
+
+async def test_setsid_and_daemons_do_not_outlive_the_job(local: Local) -> None:
+    drv = local.driver()
+    # reused VMs: the sandbox stays, so only the job's end may kill them
+    async with Manager(local.settings(reuse_vms=True), drivers={"local": drv}) as mgr:
+        await warm(mgr)
+        job = local.job(
+            "daemons",
+            [
+                "@setsid sleep 1000 &",
+                "@setsid sleep 1001 </dev/null >/dev/null 2>&1 &",
+                "@python3 daemon.py",
+                "@echo recipe done",
+            ],
+            {"daemon.py": DAEMON_PY},
+            timeout=20,
+        )
+        h = await mgr.submit(job)
+        r = await finish(h)
+        assert h.vm is not None
+        uid = h.vm.driver_data["uid"]
+        left = processes_of({uid})
+        (vm,) = mgr.inventory()  # the VM went back to the pool
+        assert vm.instance_id == h.vm.instance_id
+    assert r.outcome is Outcome.SUCCESS and r.retries == 0
+    out = check_output(
+        h, "Success: Autodriver returned normally", ["Autodriver: Job exited with status 0"]
+    )
+    # (the daemon runs alongside the last recipe line: their output may interleave)
+    text = "\n".join(out)
+    assert "daemon up" in text and "recipe done" in text
+    assert r.finished_at - r.submitted_at < 5  # did not wait for the sleepers
+    assert left == []
+
+
+# --------------------------------------------------------------------------
+# 8. file size limit
+
+
+async def test_file_size_limit(local: Local) -> None:
+    limit = 1_000_000
+    drv = local.driver(fsize=limit)
+    async with Manager(local.settings(reuse_vms=True), drivers={"local": drv}) as mgr:
+        job = local.job(
+            "fsize", ["-dd if=/dev/zero of=big bs=1M count=5", "@stat -c size=%s big"], timeout=20
+        )
+        h = await mgr.submit(job)
+        r = await finish(h)
+        big = files_larger_than(local.state, limit)
+    assert r.outcome is Outcome.SUCCESS and r.retries == 0
+    out = check_output(
+        h, "Success: Autodriver returned normally", ["Autodriver: Job exited with status 0"]
+    )
+    assert any("File size limit exceeded" in line for line in out), out
+    sizes = [int(m.group(1)) for line in out if (m := re.fullmatch(r"size=(\d+)", line))]
+    assert sizes and sizes[0] <= limit, out
+    assert big == []
+
+
+# --------------------------------------------------------------------------
+# 9. network
+
+
+async def test_disable_network(local: Local) -> None:
+    drv = local.driver()
+    async with beacon() as b, Manager(local.settings(), drivers={"local": drv}) as mgr:
+        files = {"beacon.py": BEACON_PY}
+        off = local.job(
+            "net-off",
+            [f"@python3 beacon.py {b.port} net-off"],
+            files,
+            timeout=10,
+            disable_network=True,
+        )
+        h_off = await mgr.submit(off)
+        r_off = await finish(h_off)
+        on = local.job(
+            "net-on",
+            [f"@python3 beacon.py {b.port} net-on"],
+            files,
+            timeout=10,
+            disable_network=False,
+        )
+        h_on = await mgr.submit(on)
+        r_on = await finish(h_on)
+        await b.wait("net-on")
+    assert r_off.outcome is r_on.outcome is Outcome.SUCCESS
+    out = check_output(
+        h_off, "Success: Autodriver returned normally", ["Autodriver: Job exited with status 0"]
+    )
+    assert out[1:] in (["failed: Connection refused"], ["failed: Network is unreachable"]), out
+    check_output(
+        h_on,
+        "Success: Autodriver returned normally",
+        ["Autodriver: Job exited with status 0", "connected"],
+    )
+    # the listener saw the second job only
+    assert b.tokens == ["net-on"] and b.connections == 1
+
+
+# --------------------------------------------------------------------------
+# 10. another job's directory and processes
+
+
+async def test_a_job_cannot_see_another_running_job(local: Local) -> None:
+    drv = local.driver()
+    async with beacon() as b, Manager(local.settings(pool_size=2), drivers={"local": drv}) as mgr:
+        await warm(mgr, 2)
+        a = local.job(
+            "job-a",
+            [
+                "@echo $$((40 + 2))-answer > secret.txt",
+                f"@python3 beacon.py {b.port} a-ready hold",
+                "@echo a-done",
+            ],
+            {"beacon.py": BEACON_PY},
+            timeout=60,
+            disable_network=False,
+        )
+        h_a = await mgr.submit(a)
+        await b.wait("a-ready")  # A runs, its secret in its job directory
+        assert h_a.vm is not None
+        a_dir = Path(h_a.vm.driver_data["dir"])
+        assert (a_dir / "job" / "secret.txt").read_text() == "42-answer\n"
+        b_job = local.job(
+            "job-b",
+            [
+                f"-ls {local.state}",
+                f"-ls {a_dir}",
+                f"-cat {a_dir}/job/secret.txt",
+                "@ls /home",
+                "@ls -A /home/autograde/autolab",
+                "@cat /proc/[0-9]*/cmdline | tr '\\0' ' '; echo",
+                "-@grep -rs 4$$(echo 2)-answer /tmp /var/tmp /dev/shm /home; echo grep $$?",
+            ],
+            timeout=20,
+        )
+        h_b = await mgr.submit(b_job)
+        r_b = await finish(h_b)
+        assert not h_a.done()  # A was running all along
+        assert (a_dir / "job" / "secret.txt").exists()
+        b.release("a-ready")
+        r_a = await finish(h_a)
+    assert r_a.outcome is r_b.outcome is Outcome.SUCCESS
+    check_output(
+        h_a,
+        "Success: Autodriver returned normally",
+        ["Autodriver: Job exited with status 0", "connected", "a-done"],
+    )
+    out = check_output(
+        h_b, "Success: Autodriver returned normally", ["Autodriver: Job exited with status 0"]
+    )
+    text = "\n".join(out)
+    assert f"ls: cannot access '{local.state}': No such file or directory" in out
+    assert f"ls: cannot access '{a_dir}': No such file or directory" in out
+    assert f"cat: {a_dir}/job/secret.txt: No such file or directory" in out
+    assert "autograde" in out  # ls /home: the sandbox's own home only
+    assert "secret.txt" not in out
+    assert "42-answer" not in text and "a-ready" not in text and "beacon.py" not in text
+    assert "grep 1" in out  # no file with A's secret anywhere B can reach
+    assert h_a.vm is not None and h_b.vm is not None
+    assert h_a.vm.driver_data["uid"] != h_b.vm.driver_data["uid"]
+
+
+# --------------------------------------------------------------------------
+# 11. a destFile escaping the job directory
+
+
+async def test_dest_file_with_dotdot_is_refused(local: Local) -> None:
+    drv = local.driver()
+    assert not Path("/etc/x").exists()
+    async with Manager(local.settings(), drivers={"local": drv}) as mgr:
+        await warm(mgr)
+        owner_dir = local.state / local.owner
+        sandboxes = sorted(owner_dir.iterdir())
+        job = local.job("escape", ["@echo hello"])
+        job.input.append(InputFile(job.input[0].localFile, "../../etc/x"))
+        with pytest.raises(JobError, match=re.escape("destFile '../../etc/x' contains '..'")):
+            await mgr.submit(job)
+        assert sorted(owner_dir.iterdir()) == sandboxes  # no VM made for it
+        assert mgr.scheduler.counters.job_requests == 0
+
+    # the driver refuses it too, on a live VM, before writing anything
+    vm = TangoMachine(name=IMAGE, image=IMAGE, id=100)
+    await drv.initializeVM(vm)
+    try:
+        sandbox = Path(vm.driver_data["dir"])
+        passwd = (sandbox / "etc" / "passwd").read_text()
+        src = local.tmp / "payload"
+        src.write_text("payload\n")
+        for dest in ("../../etc/x", "../etc/passwd", "/etc/x", "a/../../x"):
+            with pytest.raises(UnsafePathError, match="destFile"):
+                await drv.copyIn(vm, [InputFile(str(src), dest)])
+        assert list((sandbox / "job").iterdir()) == []
+        assert not (owner_dir / "etc").exists() and not (sandbox / "x").exists()
+        assert (sandbox / "etc" / "passwd").read_text() == passwd
+        assert not Path("/etc/x").exists()
+    finally:
+        await drv.destroyVM(vm)
+
+
+# --------------------------------------------------------------------------
+# 12. crash recovery
+
+
+async def test_sandboxes_of_a_crashed_manager_are_removed_on_startup(local: Local) -> None:
+    crashed = local.driver()
+    assert crashed.cgroups is not None
+    old = []
+    for i in (1, 2):
+        vm = TangoMachine(name=IMAGE, image=IMAGE, id=i)
+        await crashed.initializeVM(vm)
+        await crashed.waitVM(vm, 20)
+        old.append(vm)
+    cgroup_dirs = [d for vm in old for d in crashed._cgroup(vm).dirs.values()]  # type: ignore[union-attr]
+    assert all(d.is_dir() for d in cgroup_dirs)
+    # a job process that outlived its manager, in the first sandbox's cgroup
+    uid = old[0].driver_data["uid"]
+    leftover = await anyio.open_process(
+        ["sleep", "1000"],
+        user=uid,
+        group=uid,
+        extra_groups=[],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    for procs in crashed._cgroup(old[0]).procs_files():  # type: ignore[union-attr]
+        Path(procs).write_text(str(leftover.pid))
+    try:
+        assert processes_of({uid}) != []
+        # a new manager, same owner and state directory
+        drv = local.driver()
+        async with Manager(local.settings(pool_size=2), drivers={"local": drv}) as mgr:
+            # reconciled on startup: before any pool of this run exists
+            for vm in old:
+                assert not Path(vm.driver_data["dir"]).exists()
+                assert not (drv.uid_dir / str(vm.driver_data["uid"])).exists()
+            assert not any(d.exists() for d in cgroup_dirs)
+            with anyio.fail_after(5):
+                assert await leftover.wait() == -9
+            assert processes_of({vm.driver_data["uid"] for vm in old}) == []
+            assert await drv.getVMs() == []
+            await warm(mgr, 2)
+            found = await drv.getVMs()
+            assert sorted(vm.instance_id or "" for vm in found) == sorted(
+                vm.instance_id or "" for vm in mgr.inventory()
+            )
+            assert sorted(vm.id or 0 for vm in found) == [3, 4]  # above the old ids
+    finally:
+        if leftover.returncode is None:
+            leftover.kill()
+        await leftover.aclose()
+
+
+# --------------------------------------------------------------------------
+# 13. closing the manager
+
+
+async def test_close_leaves_nothing(local: Local) -> None:
+    drv = local.driver()
+    used: set[int] = set()
+    async with beacon() as b:
+        async with Manager(local.settings(pool_size=2), drivers={"local": drv}) as mgr:
+            await warm(mgr, 2)
+            used |= {vm.driver_data["uid"] for vm in mgr.inventory()}
+            done = await mgr.submit(local.job("quick", ["@echo quick"], timeout=10))
+            busy = await mgr.submit(
+                local.job(
+                    "busy",
+                    [f"@python3 beacon.py {b.port} busy hold", "@sleep 1000"],
+                    {"beacon.py": BEACON_PY},
+                    timeout=60,
+                    disable_network=False,
+                )
+            )
+            assert (await finish(done)).outcome is Outcome.SUCCESS
+            await b.wait("busy")  # running when the manager exits
+            # (a refill VM still being made has no uid yet)
+            used |= {u for vm in mgr.inventory() if (u := vm.driver_data.get("uid"))}
+            assert done.vm is not None and busy.vm is not None
+            assert busy.vm.driver_data["uid"] in used
+            used.add(done.vm.driver_data["uid"])
+        assert busy.result is not None and busy.result.outcome is Outcome.CANCELLED
+    assert check_output(busy, "Error: Job cancelled (vmpool is shutting down)", []) == []
+    assert list((local.state / local.owner).iterdir()) == []
+    assert local.cgroups() == []
+    assert [p for p in (drv.uid_dir / str(u) for u in used) if p.exists()] == []
+    assert processes_of(used) == []
+
+
+# --------------------------------------------------------------------------
+# 14. without bubblewrap
+
+
+@pytest.fixture
+def empty_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    old = os.environ["PATH"]
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    yield old
+
+
+async def test_without_bubblewrap(
+    local: Local, empty_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert shutil.which("bwrap") is None
+    with pytest.raises(BubblewrapMissing, match=re.escape("apt-get install bubblewrap")):
+        local.driver()
+    # the degraded mode runs jobs on the host as their uid: the state
+    # directory must be reachable by other users
+    closed = local.tmp / "closed"
+    closed.mkdir(mode=0o700)
+    closed.chmod(0o700)
+    with pytest.raises(InitializeVMError, match="is not searchable by other users"):
+        local.driver(sandbox="rlimits", state_dir=str(closed / "state"))
+    local.extra_state_dirs.append(closed / "state")
+    state = Path(tempfile.mkdtemp(prefix="vmpool-local-test-"))
+    local.extra_state_dirs.append(state)
+    drv = local.driver(sandbox="rlimits", state_dir=str(state))
+    assert drv.bwrap is None and drv.sandbox == "rlimits"
+    monkeypatch.setenv("PATH", empty_path)  # make and python3 for the job
+    async with Manager(local.settings(), drivers={"local": drv}) as mgr:
+        h = await mgr.submit(local.job("degraded", ["@echo hello", "@id -u", "@pwd"], timeout=10))
+        r = await finish(h)
+        assert h.vm is not None
+        uid = h.vm.driver_data["uid"]
+        job_dir = Path(h.vm.driver_data["dir"]) / "job"
+    assert r.outcome is Outcome.SUCCESS and r.retries == 0
+    assert check_output(h, "Success: Autodriver returned normally", []) == [
+        "Autodriver: Job exited with status 0",
+        "hello",
+        str(uid),
+        str(job_dir),
+    ]
+    assert uid in local.uids
+    assert stat.S_IMODE(state.stat().st_mode) == 0o711
+    assert list((state / local.owner).iterdir()) == []
+
+
+# --------------------------------------------------------------------------
+# 15. a relative state directory
+
+
+async def test_relative_state_dir_is_made_absolute(
+    local: Local, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sandbox hides the state directory by its path: a relative one
+    was not hidden (and would break with the first chdir)."""
+    monkeypatch.chdir(local.tmp)
+    drv = local.driver(state_dir="state")
+    assert drv.state_dir == local.state
+    monkeypatch.chdir("/")
+    async with Manager(local.settings(), drivers={"local": drv}) as mgr:
+        h = await mgr.submit(local.job("relative", ["@pwd"], timeout=10))
+        r = await finish(h)
+        assert h.vm is not None
+        assert Path(h.vm.driver_data["dir"]).parent == local.state / local.owner
+    assert r.outcome is Outcome.SUCCESS and r.retries == 0
+    assert check_output(h, "Success: Autodriver returned normally", []) == [
+        "Autodriver: Job exited with status 0",
+        "/home/autograde/autolab",
+    ]
+
+
+async def test_stale_uid_claims_of_this_owner_are_released(local: Local) -> None:
+    drv = local.driver()
+    vm = TangoMachine(name=IMAGE, image=IMAGE, id=1)
+    await drv.initializeVM(vm)
+    uid = vm.driver_data["uid"]
+    claim = drv.uid_dir / str(uid)
+    # a crash between removing the sandbox and releasing its uid
+    shutil.rmtree(vm.driver_data["dir"])
+    # another owner's claim for a sandbox we know nothing of stays
+    other = drv.uid_dir / str(local.uid_base + UIDS - 1)
+    other.mkdir()
+    (other / "owner").write_text("someone-else/local-9-default\n")
+    try:
+        assert claim.exists()
+        local.driver()
+        assert not claim.exists()
+        assert other.exists()
+    finally:
+        shutil.rmtree(other, ignore_errors=True)
+        await drv.destroyVM(vm)
