@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import os
+import re
 import uuid
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -111,6 +112,13 @@ class VMMS(abc.ABC):
     def describe(self) -> dict[str, Any]:
         """A short description for status pages."""
         return {"driver": self.driver_name, "owner": self.owner}
+
+
+def safe_name(name: str) -> str:
+    """``name`` with every character outside ``[A-Za-z0-9_.-]`` replaced by ``_``
+    (container names, directory names: an image ``course/lab`` names pools too)."""
+    cleaned = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+    return cleaned if cleaned[:1].isalnum() else f"x{cleaned}"
 
 
 def check_dest_name(dest: str) -> str:

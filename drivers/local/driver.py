@@ -55,7 +55,7 @@ from vmpool.errors import (
     VMNotReadyError,
 )
 from vmpool.models import InputFile, TangoMachine
-from vmpool.vmms import VMMS, check_input_files
+from vmpool.vmms import VMMS, check_input_files, safe_name
 
 from .cgroups import CgroupSet, cgroup_support
 
@@ -166,7 +166,7 @@ class LocalVMMS(VMMS):
         return self.state_dir / self.owner
 
     def _vm_dir(self, vm: TangoMachine) -> Path:
-        return self._owner_dir / self.instanceName(vm.id, vm.name)
+        return self._owner_dir / safe_name(self.instanceName(vm.id, vm.name))
 
     def _claim_uid(self, instance: str) -> int:
         for uid in range(self.uid_base, self.uid_base + self.uid_count):
@@ -200,7 +200,9 @@ class LocalVMMS(VMMS):
     def _cgroup(self, vm: TangoMachine) -> CgroupSet | None:
         if self.cgroups is None:
             return None
-        return self.cgroups.for_name(f"vmpool-{self.owner}-{self.instanceName(vm.id, vm.name)}")
+        return self.cgroups.for_name(
+            safe_name(f"vmpool-{self.owner}-{self.instanceName(vm.id, vm.name)}")
+        )
 
     def _memory_bytes(self, vm: TangoMachine) -> int:
         return int((vm.memory or self.memory_mb) * MIB)

@@ -1,0 +1,5 @@
+"""The Docker driver: warm containers through aiodocker."""
+
+from .driver import DockerVMMS
+
+__all__ = ["DockerVMMS"]
