@@ -105,7 +105,6 @@ import select
 import signal
 import stat
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from typing import IO, NoReturn
@@ -349,6 +348,8 @@ class Capture:
         self.tail = bytearray()
         self.spool: IO[bytes] | None = None
         if limit == 0:
+            import tempfile  # only for unlimited output: not worth its import time otherwise
+
             self.spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY)  # noqa: SIM115
 
     def feed(self, data: bytes) -> None:

@@ -64,3 +64,36 @@ def fast() -> Settings:
         pool_size=2,
         default_vmms="sim",
     )
+
+
+ROOT = Path(__file__).resolve().parents[1]
+GRADER_IMAGE = "vmpool/grader:latest"
+
+
+@pytest.fixture(scope="session")
+def docker_host() -> str:
+    """A reachable Docker engine with vmpool's grading image.
+
+    Starts dockerd on a private socket (scripts/docker-up.sh) when none
+    answers, and builds the image (scripts/build-image.sh) when missing. If
+    that fails the test fails, loudly: in CI a missing engine is an error,
+    never a skip.
+    """
+    import os
+    import subprocess
+
+    up = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "docker-up.sh")],
+        capture_output=True, text=True, timeout=600,
+    )
+    if up.returncode != 0:
+        pytest.fail(f"no Docker engine and dockerd could not be started:\n{up.stderr}")
+    host = up.stdout.strip().splitlines()[-1]
+    os.environ["DOCKER_HOST"] = host
+    build = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "build-image.sh"), GRADER_IMAGE],
+        capture_output=True, text=True, timeout=1800,
+    )
+    if build.returncode != 0:
+        pytest.fail(f"building {GRADER_IMAGE} failed:\n{build.stderr}")
+    return host

@@ -404,11 +404,11 @@ class LocalVMMS(VMMS):
         if self.cpu_seconds:
             limits += ["--cpu", str(self.cpu_seconds)]
         if self.sandbox == "bwrap":
-            argv = [self.python, AUTODRIVER_IN_SANDBOX, *limits, "--user", "autograde",
+            argv = [self.python, "-S", "-E", AUTODRIVER_IN_SANDBOX, *limits, "--user", "autograde",
                     "--output", f"{OUT_DIR_IN_SANDBOX}/feedback", "--no-cgroup",
                     JOB_DIR_IN_SANDBOX]
         else:
-            argv = [self.python, str(d / "autodriver.py"), *limits, "--user", f"#{uid}",
+            argv = [self.python, "-S", "-E", str(d / "autodriver.py"), *limits, "--user", f"#{uid}",
                     "--output", str(feedback), "--no-cgroup", str(d / "job")]
         cmd = self._wrap_cgroup(vm, self._sandbox_cmd(vm, argv, disableNetwork))
         cg = self._cgroup(vm)
