@@ -55,6 +55,15 @@ AUTODRIVER_IN_IMAGE = "opt/vmpool/autodriver.py"
 CAPS = ["CHOWN", "SETUID", "SETGID", "FOWNER", "KILL", "DAC_OVERRIDE", "DAC_READ_SEARCH"]
 # Exit codes of the exec's own shell (not the autodriver's 0-3).
 UNPACK_FAILED = 90
+# The container's OOM kill counter (cgroup v1, then v2), read by the exec's
+# shell into $n with builtins only (no extra process): the autodriver cannot
+# see OOM kills of the container's cgroup, and may be their victim itself.
+OOM_COUNT = (
+    "n=-; for f in /sys/fs/cgroup/memory/memory.oom_control /sys/fs/cgroup/memory.events; "
+    'do if [ -r "$f" ]; then while read -r k v; do if [ "$k" = oom_kill ]; then n=$v; fi; '
+    'done < "$f"; break; fi; done'
+)
+OOM_MARK = "vmpool-oom-kills"
 
 LABEL_OWNER = "vmpool.owner"
 LABEL_POOL = "vmpool.pool"
@@ -97,6 +106,7 @@ class DockerVMMS(VMMS):
         self._docker: aiodocker.Docker | None = None
         self._autodriver = AUTODRIVER.read_bytes()
         self._owner_tag = hashlib.sha1(self.owner.encode()).hexdigest()[:8]
+        self._verified_images: set[str] = set()
 
     # ----------------------------------------------------------- helpers
 
@@ -186,6 +196,20 @@ class DockerVMMS(VMMS):
             # Checked when the pool made it; a container that died since
             # fails the job's exec, and the job is retried on a fresh VM.
             return
+        if vm.image in self._verified_images:
+            # The image was shown able to run jobs (below); for this container
+            # the engine's word that it runs is enough. An exec costs the
+            # engine as much as a whole job.
+            try:
+                info = await self._container(vm).show()
+            except DockerError as e:
+                raise VMNotReadyError(
+                    f"container {vm.driver_data.get('cname')}: {e.message}"
+                ) from e
+            if not (info.get("State") or {}).get("Running"):
+                raise VMNotReadyError(f"container {vm.driver_data.get('cname')} is not running")
+            vm.driver_data["verified"] = True
+            return
         need = "make" if self.image_autodriver else "make python3"
         probe = f"for p in {need}; do command -v $p >/dev/null || {{ echo no $p; exit 3; }}; done"
         try:
@@ -196,6 +220,7 @@ class DockerVMMS(VMMS):
             detail = (out + err).decode(errors="replace").strip()
             raise VMNotReadyError(f"image {vm.image} cannot run jobs: {detail or f'exit {code}'}")
         vm.driver_data["verified"] = True
+        self._verified_images.add(vm.image or "")
 
     async def copyIn(self, vm: TangoMachine, inputFiles: Sequence[InputFile]) -> None:
         # Nothing reaches the engine here: the tar rides on runJob's exec.
@@ -242,14 +267,20 @@ class DockerVMMS(VMMS):
             run = [self.image_autodriver, *limits, f"/{JOB_DIR}"]
         else:
             memory = int((vm.memory or self.memory_mb) * MIB)
-            run = ["python3", f"/{AUTODRIVER_IN_IMAGE}", *limits, "--mem", str(memory),
+            # -S -E: the autodriver needs no site-packages nor PYTHON* variables,
+            # and skipping them is ~10 ms of every job
+            run = ["python3", "-S", "-E", f"/{AUTODRIVER_IN_IMAGE}", *limits, "--mem", str(memory),
                    "--user", self.grading_user, f"/{JOB_DIR}"]
             if self.cpu_seconds:
-                run[2:2] = ["--cpu", str(self.cpu_seconds)]
-        # One exec: a fresh job directory, the tar from stdin, the autodriver.
+                run[4:4] = ["--cpu", str(self.cpu_seconds)]
+        # One exec: an empty home for the grading user (nothing of an earlier
+        # job survives in a reused container), the tar from stdin, the
+        # autodriver (which removes the user's files elsewhere afterwards).
+        home = os.path.dirname(f"/{JOB_DIR}")
         script = (
-            f'rm -rf "/{JOB_DIR}" && mkdir -p "/{JOB_DIR}" && '
-            f'tar -x -m -o -f - -C / || exit {UNPACK_FAILED}; exec "$@"'
+            f'find "{home}" -mindepth 1 -delete 2>/dev/null; mkdir -p "/{JOB_DIR}" && '
+            f"tar -x -m -o -f - -C / || exit {UNPACK_FAILED}; "
+            f'{OOM_COUNT}; b=$n; "$@"; s=$?; {OOM_COUNT}; echo "{OOM_MARK} $b $n" >&2; exit $s'
         )
         cap = maxOutputFileSize + 64 * KIB if maxOutputFileSize else self.feedback_cap
         try:
@@ -268,11 +299,26 @@ class DockerVMMS(VMMS):
             ):
                 await self._container(vm).kill(signal="SIGKILL")
             raise
+        err, oom_killed = _oom_kills(err)
+        memory = int((vm.memory or self.memory_mb) * MIB)
         if code is None or code == UNPACK_FAILED or code >= 126 or not out:
+            if oom_killed and code is not None and code != UNPACK_FAILED:
+                # The container ran out of memory and the kernel killed the
+                # autodriver itself (it is the biggest process when the job is
+                # many small ones). The job's doing, not the VM's: no retry,
+                # and the feedback says what happened.
+                vm.driver_data["feedback"] = (
+                    f"Autodriver: memory limit of {memory} bytes exceeded\n"
+                    f"Autodriver: the container ran out of memory and the autodriver was "
+                    f"killed (exit {code}); the job's output is lost\n"
+                ).encode()
+                return code
             detail = err.decode(errors="replace").strip()[:500]
             raise RunJobError(
                 f"the autodriver did not run (exit {code}): {detail or 'no output'}"
             )
+        if oom_killed:
+            out = _note_oom(out, memory)
         vm.driver_data["feedback"] = out
         return code
 
@@ -363,6 +409,28 @@ class DockerVMMS(VMMS):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "url": self.url}
+
+
+def _oom_kills(err: bytes) -> tuple[bytes, bool]:
+    """Take the exec shell's OOM counter line out of ``err``: (rest, OOM kill seen)."""
+    head, sep, line = err.rstrip(b"\n").rpartition(b"\n")
+    if not line.startswith(OOM_MARK.encode()):
+        return err, False
+    counts = line.split()[1:]
+    seen = len(counts) == 2 and all(c.isdigit() for c in counts) and int(counts[1]) > int(
+        counts[0]
+    )
+    return head + sep, seen
+
+
+def _note_oom(out: bytes, mem: int) -> bytes:
+    """Add the memory line after the status line(s) when the autodriver did not."""
+    line = f"Autodriver: memory limit of {mem} bytes exceeded\n".encode()
+    if line in out:
+        return out
+    lines = out.split(b"\n", 2)
+    n = 2 if len(lines) > 2 and lines[1].startswith(b"Autodriver: make was killed") else 1
+    return b"\n".join(lines[:n]) + b"\n" + line + b"\n".join(lines[n:])
 
 
 def _num(x: float) -> str:
