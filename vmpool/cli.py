@@ -183,7 +183,53 @@ def build_parser() -> argparse.ArgumentParser:
                      help="show the progress bar even when stderr is not a terminal")
 
     sub.add_parser("drivers", help="list the drivers installed")
+
+    serve = sub.add_parser("serve", help="run the Tango-compatible HTTP server")
+    serve.add_argument("--config", help="TOML configuration file (see vmpool.serverconfig)")
+    serve.add_argument("--port", type=int, help="override server.port")
     return ap
+
+
+def run_server(args: argparse.Namespace) -> int:
+    from .server import serve
+    from .serverconfig import ConfigError, load_config
+
+    try:
+        config = load_config(args.config)
+        if args.port is not None:
+            config.port = args.port
+            config.validate()
+    except ConfigError as e:
+        print(f"vmpool serve: bad configuration: {e}", file=sys.stderr)
+        return 2
+
+    def ready(port: int) -> None:
+        info(f"serving Tango's REST API on http://{config.host}:{port}/ "
+             f"(courselabs {config.courselabs}, jobs in {config.database})")
+
+    async def main() -> None:
+        stop = anyio.Event()
+
+        async def on_signal() -> None:
+            import signal
+
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    info("stopping: running jobs will run again at the next start")
+                    stop.set()
+                    return
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(on_signal)
+            await serve(config, ready=ready, stop=stop)
+            tg.cancel_scope.cancel()
+
+    try:
+        anyio.run(main)
+    except VMPoolError as e:
+        print(f"vmpool serve: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -194,6 +240,8 @@ def main(argv: list[str] | None = None) -> None:
         for name in available_drivers():
             print(name)
         sys.exit(0)
+    if args.command == "serve":
+        sys.exit(run_server(args))
     if args.repeat < 1:
         print("vmpool: --repeat must be >= 1", file=sys.stderr)
         sys.exit(2)

@@ -195,6 +195,9 @@ class Scheduler:
         self.counters = Counters()
         self.live: dict[int, JobHandle] = {}
         self._closing = False
+        #: set by a server that keeps its jobs in a store: jobs cancelled by
+        #: the shutdown get no output file (they run again after restart)
+        self.abandoning = False
         self._idle_events: list[anyio.Event] = []
         self.started_at = time.time()
 
@@ -482,14 +485,19 @@ class Scheduler:
         lines.extend(autograder_line(x) for x in final.extra)
         lines.append(autograder_line(HERE_IS_OUTPUT))
         written = True
-        try:
-            finish_output(job.outputFile, "".join(lines), final.feedback)
-        except OSError as e:
+        if self.abandoning and final.outcome is Outcome.CANCELLED:
             written = False
-            log.error("job %s:%s: could not write output file %s: %s", job.name, job.id,
-                      job.outputFile, e)
             if final.feedback is not None:
                 _unlink(final.feedback)
+        else:
+            try:
+                finish_output(job.outputFile, "".join(lines), final.feedback)
+            except OSError as e:
+                written = False
+                log.error("job %s:%s: could not write output file %s: %s", job.name, job.id,
+                          job.outputFile, e)
+                if final.feedback is not None:
+                    _unlink(final.feedback)
         job.log(f"Job {job.name}:{job.id} finished: {final.message}")
         h.result = JobResult(
             id=h.id,

@@ -1,0 +1,116 @@
+"""The server's configuration: one TOML file plus environment variables,
+validated at start with messages that name the bad value.
+
+    # vmpool.toml
+    [server]
+    host = "127.0.0.1"
+    port = 3000
+    keys = ["test"]
+    courselabs = "/var/lib/vmpool/courselabs"
+    database = "/var/lib/vmpool/jobs.sqlite"
+    max_upload_bytes = 104857600
+
+    [vmpool]            # any field of vmpool.Settings
+    default_vmms = "local"
+    pool_size = 2
+
+    [drivers.local]     # options for a driver's constructor
+    memory_mb = 2048
+
+Environment: ``RESTFUL_KEY`` (one key, as Tango), ``VMPOOL_PORT``,
+``VMPOOL_HOST``, ``VMPOOL_COURSELABS``, ``VMPOOL_DATABASE``, and every
+``VMPOOL_<SETTING>`` of :class:`vmpool.Settings`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import MIB, Settings
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 3000
+    keys: list[str] = field(default_factory=lambda: ["test"])
+    courselabs: str = "/var/lib/vmpool/courselabs"
+    database: str = "/var/lib/vmpool/jobs.sqlite"
+    max_upload_bytes: int = 100 * MIB
+    #: callback POSTs: tries and the first pause between them (doubles)
+    callback_tries: int = 4
+    callback_backoff: float = 1.0
+    callback_timeout: float = 30.0
+    settings: Settings = field(default_factory=Settings)
+
+    def validate(self) -> None:
+        problems = []
+        if not 0 <= self.port <= 65535:
+            problems.append(f"server.port must be within 0..65535, got {self.port}")
+        if not self.keys or not all(isinstance(k, str) and k for k in self.keys):
+            problems.append(f"server.keys must be non-empty strings, got {self.keys!r}")
+        if self.max_upload_bytes <= 0:
+            problems.append(f"server.max_upload_bytes must be > 0, got {self.max_upload_bytes}")
+        if self.callback_tries < 1:
+            problems.append(f"server.callback_tries must be >= 1, got {self.callback_tries}")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+
+_SERVER_FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig) if f.name != "settings"}
+
+
+def load_config(path: str | None = None, environ: Mapping[str, str] | None = None) -> ServerConfig:
+    env = os.environ if environ is None else environ
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    unknown = set(data) - {"server", "vmpool", "drivers"}
+    if unknown:
+        raise ConfigError(f"unknown section(s) in {path}: {', '.join(sorted(unknown))}")
+    server = dict(data.get("server", {}))
+    bad = set(server) - set(_SERVER_FIELDS)
+    if bad:
+        raise ConfigError(f"unknown [server] setting(s): {', '.join(sorted(bad))}")
+    for name, var in (("port", "VMPOOL_PORT"), ("host", "VMPOOL_HOST"),
+                      ("courselabs", "VMPOOL_COURSELABS"), ("database", "VMPOOL_DATABASE")):
+        if var in env:
+            server[name] = env[var]
+    if "RESTFUL_KEY" in env:
+        server["keys"] = [env["RESTFUL_KEY"]]
+    try:
+        if "port" in server:
+            server["port"] = int(server["port"])
+    except ValueError:
+        raise ConfigError(f"server.port must be an integer, got {server['port']!r}") from None
+    vm_settings = dict(data.get("vmpool", {}))
+    known = {f.name for f in dataclasses.fields(Settings)}
+    bad = set(vm_settings) - known
+    if bad:
+        raise ConfigError(f"unknown [vmpool] setting(s): {', '.join(sorted(bad))}")
+    drivers = data.get("drivers", {})
+    if not isinstance(drivers, dict):
+        raise ConfigError("[drivers] must be a table of tables")
+    vm_settings.setdefault("driver_options", {}).update(drivers)
+    try:
+        settings = Settings.from_env(env, **vm_settings)
+        cfg = ServerConfig(**server, settings=settings)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    cfg.validate()
+    return cfg
