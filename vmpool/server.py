@@ -36,6 +36,7 @@ from .models import InputFile, TangoJob, TangoMachine, pool_name
 from .scheduler import JobHandle, Outcome
 from .serverconfig import ServerConfig
 from .store import SQLiteStore
+from .vmms import check_dest_name
 
 log = logging.getLogger("vmpool.server")
 
@@ -204,6 +205,8 @@ class TangoServer:
         except (ValueError, UnicodeDecodeError) as e:
             return fail(f"Invalid job: the body is not JSON ({e})")
         job, problems = await self._job_from_json(body, lab)
+        if problems == [f"unknown image {body.get('image')!r}"]:
+            return fail("Invalid image name")  # Tango's answer when that is all
         if problems or job is None:
             return fail("Invalid job: " + "; ".join(problems))
         try:
@@ -265,6 +268,10 @@ class TangoServer:
                     local = lab / f["localFile"]
                     if not local.is_file():
                         problems.append(f"input file {f['localFile']} was not uploaded")
+                    try:
+                        check_dest_name(f["destFile"])
+                    except JobError as e:
+                        problems.extend(f"files[{i}]: {p}" for p in e.problems)
                     inputs.append(InputFile(str(local), f["destFile"]))
                 if not any(f.destFile == "Makefile" for f in inputs):
                     problems.append("no file has destFile 'Makefile'")
@@ -291,6 +298,12 @@ class TangoServer:
         for label, v in (("cores", cores), ("memory", memory)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
                 problems.append(f"'{label}' must be a positive integer, got {v!r}")
+        if isinstance(image, str) and image:
+            vmms = body.get("vmms") if isinstance(body.get("vmms"), str) else None
+            problem = await self._image_problem(image, vmms, body.get("cores"),
+                                                body.get("memory"))
+            if problem:
+                problems.append(problem)
         if problems:
             return None, problems
         assert isinstance(image, str) and isinstance(name, str) and isinstance(output, str)
@@ -309,6 +322,22 @@ class TangoServer:
             disableNetwork=bool(disable_network),
         )
         return job, []
+
+    async def _image_problem(self, image: str, vmms: str | None, cores: Any,
+                             memory: Any) -> str | None:
+        """Why no pool can be made for ``image`` (None if one can). Answered at
+        once: Tango waits forever for a VM of an image that does not exist."""
+        from .pool import PoolSpec
+
+        name = vmms or self.manager.settings.default_vmms
+        try:
+            await self.manager.driver(name)
+            self.manager.check_image(PoolSpec(image, name))
+        except UnknownImageError:
+            return f"unknown image {image!r}"
+        except VMPoolError as e:
+            return f"driver {name!r}: {e}"
+        return None
 
     def _submit(self, job: TangoJob, key: str, courselab: str) -> JobHandle:
         h = self.manager.scheduler.submit(job)
@@ -571,35 +600,35 @@ async def serve(
         if server is not None:
             await server.on_done(h)
 
-    first = (max((s.id for s in store.unfinished()), default=0))
-    manager = Manager(config.settings, on_done=[done_hook], first_job_id=first + 1)
-    async with manager, anyio.create_task_group() as tg:
+    manager = Manager(config.settings, on_done=[done_hook])
+    async with manager, anyio.create_task_group() as tg, aiohttp.ClientSession() as http:
         server = TangoServer(config, manager, store)
         server._tg = tg
-        async with aiohttp.ClientSession() as http:
-            server._http = http
-            app = server.app()
-            runner = web.AppRunner(app, access_log=None)
-            await runner.setup()
-            site = web.TCPSite(runner, config.host, config.port)
-            await site.start()
-            port = _bound_port(site, config.port)
-            rerun, complete = await server.recover()
-            log.info("vmpool serving on %s:%s (%d jobs rerun, %d found complete)",
-                     config.host, port, rerun, complete)
-            if ready is not None:
-                ready(port)
-            try:
-                if stop is None:
-                    await anyio.sleep_forever()
-                else:
-                    await stop.wait()
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await runner.cleanup()
-                    manager.scheduler.abandoning = True
-                    await manager.close()
-                    tg.cancel_scope.cancel()
+        server._http = http
+        runner = web.AppRunner(server.app(), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, config.host, config.port)
+        await site.start()
+        port = _bound_port(site, config.port)
+        rerun, complete = await server.recover()
+        log.info("vmpool serving on %s:%s (%d jobs rerun, %d found complete)",
+                 config.host, port, rerun, complete)
+        if ready is not None:
+            ready(port)
+        try:
+            if stop is None:
+                await anyio.sleep_forever()
+            else:
+                await stop.wait()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await runner.cleanup()
+            # Jobs still running are abandoned, not ended: they stay
+            # queued in the store and run again at the next start, and so
+            # do callbacks not yet delivered.
+            manager.scheduler.abandoning = True
+            server._tg = None
+            tg.cancel_scope.cancel()
     store.close()
 
 
