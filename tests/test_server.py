@@ -242,6 +242,11 @@ async def test_add_job_names_every_problem(srv_cm: _running) -> None:
         assert body["statusId"] == -1 and "not JSON" in body["statusMsg"]
         _, body = await srv.post("/addJob/test/lab/", json=job_body(image="nope.img"))
         assert body == {"statusId": -1, "statusMsg": "Invalid image name"}
+        _, body = await srv.post("/addJob/test/lab/", json=job_body(image="nope.img",
+                                                                   timeout="x"))
+        assert body["statusId"] == -1
+        assert "unknown image 'nope.img'" in body["statusMsg"]
+        assert "'timeout' must be a number" in body["statusMsg"]
         _, body = await srv.post("/addJob/test/lab/", json=job_body(
             files=[{"localFile": "Makefile", "destFile": "../../etc/x"}]))
         assert body["statusId"] == -1 and "contains '..'" in body["statusMsg"]
