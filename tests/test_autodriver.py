@@ -30,12 +30,13 @@ from types import ModuleType
 
 import pytest
 
+from .jobs import DAEMON_PY, ELISION, FORK_BOMB_PY, MEMORY_BOMB_PY
+
 AUTODRIVER = Path(__file__).resolve().parent.parent / "autodriver" / "autodriver.py"
 GRADER = "vmpool-grader-test"
 # The interpreter running the autodriver (AUTODRIVER_PYTHON=python3.8 runs the
 # whole file against an old Python).
 PYTHON = os.environ.get("AUTODRIVER_PYTHON", sys.executable)
-ELISION = b"\n...[excess bytes elided]...\n"
 # A python every user can run, for jobs and for running the autodriver as a
 # non-root user (the test interpreter may live under root's 0700 home).
 PLAIN_PY = next(
@@ -341,16 +342,6 @@ def test_job_ignoring_sigterm_is_killed(make_dir: Callable[..., Path]) -> None:
     assert r.elapsed < 3
 
 
-DAEMON_PY = """\
-import os, sys, time
-if os.fork():
-    os._exit(0)
-os.setsid()
-if os.fork():
-    os._exit(0)
-print("daemon up", flush=True)
-time.sleep(1000)
-"""
 
 
 @pytest.mark.parametrize("finish", ["normal", "timeout"])
@@ -378,15 +369,6 @@ def test_setsid_and_daemons_are_killed(
     assert grader_processes(grader.pw_uid) == []
 
 
-FORK_BOMB_PY = """\
-import os
-print("bombing", flush=True)
-while True:
-    try:
-        os.fork()
-    except OSError:
-        pass
-"""
 
 
 def test_fork_bomb(make_dir: Callable[..., Path], grader: pwd.struct_passwd) -> None:
@@ -563,11 +545,6 @@ def test_inherited_descriptors_are_closed(make_dir: Callable[..., Path]) -> None
 # Limits
 
 
-MEMORY_BOMB_PY = """\
-chunks = []
-while True:
-    chunks.append(b"x" * 10**6)  # touched memory, 1 MB at a time
-"""
 
 
 @pytest.mark.parametrize("cgroup", [True, False], ids=["cgroup-if-available", "rlimit-only"])

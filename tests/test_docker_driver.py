@@ -41,7 +41,6 @@ from vmpool import (
     InputFile,
     JobError,
     JobHandle,
-    JobResult,
     Manager,
     Outcome,
     Settings,
@@ -53,9 +52,9 @@ from vmpool import (
 )
 
 from .conftest import ROOT, autograder_re
+from .jobs import CGROUP_BOMB_PY, ELISION, FORK_BOMB_PY, MEMORY_BOMB_PY, finish, read_lines, warm
 
 IMAGE = "vmpool/grader"
-ELISION = b"\n...[excess bytes elided]...\n"
 MIB = 1024 * 1024
 LABEL_OWNER = "vmpool.owner"
 _slots = itertools.count()
@@ -117,8 +116,6 @@ class LateAutodriver(Probe):
         return await super().runJob(vm, 60, maxOutputFileSize, disableNetwork)
 
 
-def read_lines(h: JobHandle) -> list[str]:
-    return Path(h.job.outputFile).read_text(errors="replace").splitlines()
 
 
 def check_output(h: JobHandle, closing: str, autodriver: list[str], *extra: str) -> list[str]:
@@ -138,15 +135,8 @@ def check_output(h: JobHandle, closing: str, autodriver: list[str], *extra: str)
     return out[n + 2 :]
 
 
-async def finish(h: JobHandle, limit: float = 30) -> JobResult:
-    with anyio.fail_after(limit):
-        return await h.wait()
 
 
-async def warm(mgr: Manager, n: int = 1, **spec: Any) -> None:
-    pool = await mgr.ensure_pool(IMAGE, **spec)
-    with anyio.fail_after(30):
-        await pool.wait_until(lambda s: s.free >= n)
 
 
 def processes_in(cid: str) -> list[str]:
@@ -311,7 +301,7 @@ async def test_jobs_through_a_warm_pool_give_tangos_output(dock: Dock) -> None:
                 timeout=10,
             ),
         ):
-            await warm(mgr, 2)
+            await warm(mgr, IMAGE, 2)
             h = await mgr.submit(job)
             r = await finish(h)
             latencies.append(r.finished_at - r.submitted_at)
@@ -356,15 +346,6 @@ async def test_jobs_through_a_warm_pool_give_tangos_output(dock: Dock) -> None:
 # --------------------------------------------------------------------------
 # 2. fork bomb
 
-FORK_BOMB_PY = """\
-import os
-print("bombing", flush=True)
-while True:
-    try:
-        os.fork()
-    except OSError:
-        pass
-"""
 
 
 @pytest.mark.parametrize(
@@ -373,7 +354,7 @@ while True:
 async def test_fork_bomb_is_contained(dock: Dock, nproc: int, pids_limit: int) -> None:
     drv = dock.driver(nproc=nproc, pids_limit=pids_limit)
     async with Manager(dock.settings(pool_size=2), drivers={"docker": drv}) as mgr:
-        await warm(mgr, 2)
+        await warm(mgr, IMAGE, 2)
         pool = await mgr.ensure_pool(IMAGE)
         before = await dock.container_ids()
         job = dock.job("bomb", ["@python3 bomb.py"], {"bomb.py": FORK_BOMB_PY}, timeout=2)
@@ -421,29 +402,10 @@ async def test_fork_bomb_is_contained(dock: Dock, nproc: int, pids_limit: int) -
 # --------------------------------------------------------------------------
 # 3. memory bombs
 
-MEMORY_BOMB_PY = """\
-chunks = []
-while True:
-    chunks.append(b"x" * 10**6)  # touched memory, 1 MB at a time
-"""
 
 # Four processes of 40 MB each: every one fits the per-process limit
 # (RLIMIT_AS 64 MiB), together they exceed the container's 64 MiB, so the
 # container's OOM killer (which the autodriver cannot see) kills one.
-CGROUP_BOMB_PY = """\
-import os, sys, time
-for _ in range(4):
-    if os.fork() == 0:
-        x = bytearray(40 * 10**6)
-        for i in range(0, len(x), 4096):
-            x[i] = 1
-        time.sleep(1000)
-        os._exit(0)
-pid, status = os.wait()
-sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
-print("a child was killed by signal %s" % sig, flush=True)
-sys.exit(1)
-"""
 
 # Forty processes of 3 MiB: each far smaller than the autodriver (a Python
 # process of ~15 MB), so the container's OOM killer picks the autodriver.
@@ -491,7 +453,7 @@ async def test_memory_bomb_is_killed_and_reported(
 ) -> None:
     drv = dock.driver()
     async with Manager(dock.settings(), drivers={"docker": drv}) as mgr:
-        await warm(mgr, memory=64)
+        await warm(mgr, IMAGE, memory=64)
         (vm,) = mgr.inventory()
         info = await dock.inspect(vm.instance_id or "")
         assert info is not None
@@ -576,7 +538,7 @@ async def test_network_is_unreachable(dock: Dock) -> None:
         with anyio.fail_after(5):
             await both_seen.wait()  # the handler runs in its own task
         async with Manager(dock.settings(), drivers={"docker": drv}) as mgr:
-            await warm(mgr)
+            await warm(mgr, IMAGE)
             (vm,) = mgr.inventory()
             info = await dock.inspect(vm.instance_id or "")
             job = dock.job(
@@ -606,7 +568,7 @@ async def test_network_is_unreachable(dock: Dock) -> None:
 async def test_infinite_loop_is_killed_at_the_deadline(dock: Dock) -> None:
     drv = dock.driver()
     async with Manager(dock.settings(), drivers={"docker": drv}) as mgr:
-        await warm(mgr)
+        await warm(mgr, IMAGE)
         h = await mgr.submit(
             dock.job("loop", copy=[ROOT / "examples" / "timeout" / "Makefile"], timeout=1)
         )
@@ -625,7 +587,7 @@ async def test_outer_deadline_stops_a_job_the_autodriver_does_not(dock: Dock) ->
     drv = dock.driver(LateAutodriver)
     settings = dock.settings(runjob_grace=1.0)
     async with Manager(settings, drivers={"docker": drv}) as mgr:
-        await warm(mgr)
+        await warm(mgr, IMAGE)
         pool = await mgr.ensure_pool(IMAGE)
         h = await mgr.submit(
             dock.job("late", ["@echo started", "@while :; do :; done"], timeout=1)
@@ -662,7 +624,7 @@ async def test_output_flood_is_capped(dock: Dock) -> None:
     cap = 100_000
     drv = dock.driver()
     async with Manager(dock.settings(), drivers={"docker": drv}) as mgr:
-        await warm(mgr)
+        await warm(mgr, IMAGE)
         job = dock.job(
             "flood",
             ["@head -c 1000000000 /dev/zero | tr '\\0' a", "@echo", "@echo LAST-LINE"],
@@ -709,7 +671,7 @@ async def test_containers_of_a_crashed_manager_are_removed_on_startup(dock: Dock
             # reconciled on startup: before any pool of this run exists
             assert mgr.pools == {}
             assert await dock.container_ids() == set()
-            await warm(mgr, 2)
+            await warm(mgr, IMAGE, 2)
             found = await drv.getVMs()
             assert {vm.instance_id for vm in found} == {
                 vm.instance_id for vm in mgr.inventory()
@@ -779,7 +741,7 @@ async def test_pool_refills_with_new_containers_after_each_job(dock: Dock) -> No
 async def test_close_leaves_no_container(dock: Dock) -> None:
     drv = dock.driver()
     async with Manager(dock.settings(pool_size=2), drivers={"docker": drv}) as mgr:
-        await warm(mgr, 2)
+        await warm(mgr, IMAGE, 2)
         pool = await mgr.ensure_pool(IMAGE)
         made = set(await dock.container_ids())
         drv.hold = True  # every creation from now on is in flight until the close
@@ -816,7 +778,7 @@ async def test_dest_file_with_dotdot_is_refused(dock: Dock) -> None:
     drv = dock.driver()
     assert not Path("/etc/x").exists()
     async with Manager(dock.settings(), drivers={"docker": drv}) as mgr:
-        await warm(mgr)
+        await warm(mgr, IMAGE)
         warm_ids = await dock.container_ids()
         job = dock.job("escape", ["@echo hello"])
         job.input.append(InputFile(job.input[0].localFile, "../../etc/x"))

@@ -39,7 +39,6 @@ from vmpool import (
     InputFile,
     JobError,
     JobHandle,
-    JobResult,
     Manager,
     Outcome,
     Settings,
@@ -50,11 +49,20 @@ from vmpool import (
 )
 
 from .conftest import autograder_re
+from .jobs import (
+    CGROUP_BOMB_PY,
+    DAEMON_PY,
+    ELISION,
+    FORK_BOMB_PY,
+    MEMORY_BOMB_PY,
+    finish,
+    read_lines,
+    warm,
+)
 
 UID_BASE = 62000
 UIDS = 50  # uids per test
 IMAGE = "default"
-ELISION = b"\n...[excess bytes elided]...\n"
 MIB = 1024 * 1024
 _slots = itertools.count()
 
@@ -116,8 +124,6 @@ def files_larger_than(root: Path, limit: int) -> list[str]:
     return big
 
 
-def read_lines(h: JobHandle) -> list[str]:
-    return Path(h.job.outputFile).read_text(errors="replace").splitlines()
 
 
 def check_output(h: JobHandle, closing: str, autodriver: list[str]) -> list[str]:
@@ -133,15 +139,8 @@ def check_output(h: JobHandle, closing: str, autodriver: list[str]) -> list[str]
     return out[4:]
 
 
-async def finish(h: JobHandle, limit: float = 30) -> JobResult:
-    with anyio.fail_after(limit):
-        return await h.wait()
 
 
-async def warm(mgr: Manager, n: int = 1, **spec: Any) -> None:
-    pool = await mgr.ensure_pool(IMAGE, **spec)
-    with anyio.fail_after(30):
-        await pool.wait_until(lambda s: s.free >= n)
 
 
 BEACON_PY = """\
@@ -367,7 +366,7 @@ async def test_hello_runs_as_the_vms_uid_in_the_sandbox(local: Local) -> None:
 async def test_timeout_stops_the_job_and_all_its_processes(local: Local, recipe: list[str]) -> None:
     drv = local.driver()
     async with Manager(local.settings(), drivers={"local": drv}) as mgr:
-        await warm(mgr)
+        await warm(mgr, IMAGE)
         h = await mgr.submit(local.job("loop", recipe, timeout=1))
         r = await finish(h)
         assert h.vm is not None and h.vm.instance_id is not None
@@ -386,15 +385,6 @@ async def test_timeout_stops_the_job_and_all_its_processes(local: Local, recipe:
 # --------------------------------------------------------------------------
 # 3. fork bomb
 
-FORK_BOMB_PY = """\
-import os
-print("bombing", flush=True)
-while True:
-    try:
-        os.fork()
-    except OSError:
-        pass
-"""
 
 
 @pytest.mark.parametrize(
@@ -404,7 +394,7 @@ async def test_fork_bomb_is_contained(local: Local, nproc: int, pids_max: int) -
     drv = local.driver(nproc=nproc, pids_max=pids_max)
     assert drv.cgroups is not None  # the pids limit is part of what is tested
     async with Manager(local.settings(), drivers={"local": drv}) as mgr:
-        await warm(mgr)
+        await warm(mgr, IMAGE)
         (vm,) = mgr.inventory()
         uid = vm.driver_data["uid"]
         cg = drv._cgroup(vm)
@@ -452,7 +442,7 @@ async def test_output_flood_is_capped_and_never_reaches_the_disk(local: Local) -
     drv = local.driver()
     settings = local.settings(reuse_vms=True)
     async with Manager(settings, drivers={"local": drv}) as mgr:
-        await warm(mgr)
+        await warm(mgr, IMAGE)
         before = disk_usage(local.state)
         job = local.job(
             "flood",
@@ -489,29 +479,10 @@ async def test_output_flood_is_capped_and_never_reaches_the_disk(local: Local) -
 # --------------------------------------------------------------------------
 # 5. memory bombs
 
-MEMORY_BOMB_PY = """\
-chunks = []
-while True:
-    chunks.append(b"x" * 10**6)  # touched memory, 1 MB at a time
-"""
 
 # Four processes of 40 MB each: every one fits the per-process limit
 # (RLIMIT_AS 64 MiB), together they exceed the sandbox's cgroup (64 + 64 MiB),
 # so the cgroup's OOM killer, not the rlimit, stops them.
-CGROUP_BOMB_PY = """\
-import os, sys, time
-for _ in range(4):
-    if os.fork() == 0:
-        x = bytearray(40 * 10**6)
-        for i in range(0, len(x), 4096):
-            x[i] = 1
-        time.sleep(1000)
-        os._exit(0)
-pid, status = os.wait()
-sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
-print("a child was killed by signal %s" % sig, flush=True)
-sys.exit(1)
-"""
 
 
 @pytest.mark.parametrize(
@@ -548,23 +519,13 @@ async def test_memory_bomb_is_killed_and_reported(local: Local, script: str, say
 # --------------------------------------------------------------------------
 # 6. setsid and daemons
 
-DAEMON_PY = """\
-import os, sys, time
-if os.fork():
-    os._exit(0)
-os.setsid()
-if os.fork():
-    os._exit(0)
-print("daemon up", flush=True)
-time.sleep(1000)
-"""
 
 
 async def test_setsid_and_daemons_do_not_outlive_the_job(local: Local) -> None:
     drv = local.driver()
     # reused VMs: the sandbox stays, so only the job's end may kill them
     async with Manager(local.settings(reuse_vms=True), drivers={"local": drv}) as mgr:
-        await warm(mgr)
+        await warm(mgr, IMAGE)
         job = local.job(
             "daemons",
             [
@@ -666,7 +627,7 @@ async def test_disable_network(local: Local) -> None:
 async def test_a_job_cannot_see_another_running_job(local: Local) -> None:
     drv = local.driver()
     async with beacon() as b, Manager(local.settings(pool_size=2), drivers={"local": drv}) as mgr:
-        await warm(mgr, 2)
+        await warm(mgr, IMAGE, 2)
         a = local.job(
             "job-a",
             [
@@ -731,7 +692,7 @@ async def test_dest_file_with_dotdot_is_refused(local: Local) -> None:
     drv = local.driver()
     assert not Path("/etc/x").exists()
     async with Manager(local.settings(), drivers={"local": drv}) as mgr:
-        await warm(mgr)
+        await warm(mgr, IMAGE)
         owner_dir = local.state / local.owner
         sandboxes = sorted(owner_dir.iterdir())
         job = local.job("escape", ["@echo hello"])
@@ -802,7 +763,7 @@ async def test_sandboxes_of_a_crashed_manager_are_removed_on_startup(local: Loca
                 assert await leftover.wait() == -9
             assert processes_of({vm.driver_data["uid"] for vm in old}) == []
             assert await drv.getVMs() == []
-            await warm(mgr, 2)
+            await warm(mgr, IMAGE, 2)
             found = await drv.getVMs()
             assert sorted(vm.instance_id or "" for vm in found) == sorted(
                 vm.instance_id or "" for vm in mgr.inventory()
@@ -823,7 +784,7 @@ async def test_close_leaves_nothing(local: Local) -> None:
     used: set[int] = set()
     async with beacon() as b:
         async with Manager(local.settings(pool_size=2), drivers={"local": drv}) as mgr:
-            await warm(mgr, 2)
+            await warm(mgr, IMAGE, 2)
             used |= {vm.driver_data["uid"] for vm in mgr.inventory()}
             done = await mgr.submit(local.job("quick", ["@echo quick"], timeout=10))
             busy = await mgr.submit(

@@ -1,0 +1,69 @@
+"""Job recipes and helpers shared by the adversarial tests (bare autodriver,
+local driver, Docker driver): one copy of each bomb."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from vmpool import JobHandle, JobResult, Manager
+
+ELISION = b"\n...[excess bytes elided]...\n"
+
+FORK_BOMB_PY = """\
+import os
+print("bombing", flush=True)
+while True:
+    try:
+        os.fork()
+    except OSError:
+        pass
+"""
+
+MEMORY_BOMB_PY = """\
+chunks = []
+while True:
+    chunks.append(b"x" * 10**6)  # touched memory, 1 MB at a time
+"""
+
+CGROUP_BOMB_PY = """\
+import os, sys, time
+for _ in range(4):
+    if os.fork() == 0:
+        x = bytearray(40 * 10**6)
+        for i in range(0, len(x), 4096):
+            x[i] = 1
+        time.sleep(1000)
+        os._exit(0)
+pid, status = os.wait()
+sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+print("a child was killed by signal %s" % sig, flush=True)
+sys.exit(1)
+"""
+
+DAEMON_PY = """\
+import os, sys, time
+if os.fork():
+    os._exit(0)
+os.setsid()
+if os.fork():
+    os._exit(0)
+print("daemon up", flush=True)
+time.sleep(1000)
+"""
+
+def read_lines(h: JobHandle) -> list[str]:
+    return Path(h.job.outputFile).read_text(errors="replace").splitlines()
+
+
+async def finish(h: JobHandle, limit: float = 30) -> JobResult:
+    with anyio.fail_after(limit):
+        return await h.wait()
+
+
+async def warm(mgr: Manager, image: str, n: int = 1, **spec: Any) -> None:
+    pool = await mgr.ensure_pool(image, **spec)
+    with anyio.fail_after(30):
+        await pool.wait_until(lambda s: s.free >= n)
