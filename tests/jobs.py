@@ -8,7 +8,7 @@ from typing import Any
 
 import anyio
 
-from vmpool import JobHandle, JobResult, Manager
+from vmpool import JobHandle, JobResult, Manager, Settings
 
 ELISION = b"\n...[excess bytes elided]...\n"
 
@@ -67,3 +67,21 @@ async def warm(mgr: Manager, image: str, n: int = 1, **spec: Any) -> None:
     pool = await mgr.ensure_pool(image, **spec)
     with anyio.fail_after(30):
         await pool.wait_until(lambda s: s.free >= n)
+
+
+def driver_test_settings(vmms: str, **kw: Any) -> Settings:
+    """Settings for a real driver's tests: generous deadlines, quick backoff."""
+    base: dict[str, Any] = dict(
+        default_vmms=vmms,
+        pool_size=1,
+        runjob_grace=3.0,
+        waitvm_timeout=20,
+        initializevm_timeout=30,
+        copyin_timeout=20,
+        copyout_timeout=20,
+        destroy_timeout=20,
+        backoff_initial=0.05,
+        backoff_max=1.0,
+    )
+    base.update(kw)
+    return Settings(**base)

@@ -52,7 +52,16 @@ from vmpool import (
 )
 
 from .conftest import ROOT, autograder_re
-from .jobs import CGROUP_BOMB_PY, ELISION, FORK_BOMB_PY, MEMORY_BOMB_PY, finish, read_lines, warm
+from .jobs import (
+    CGROUP_BOMB_PY,
+    ELISION,
+    FORK_BOMB_PY,
+    MEMORY_BOMB_PY,
+    driver_test_settings,
+    finish,
+    read_lines,
+    warm,
+)
 
 IMAGE = "vmpool/grader"
 MIB = 1024 * 1024
@@ -184,20 +193,7 @@ class Dock:
         return cls(url=self.host, **kw)
 
     def settings(self, **kw: Any) -> Settings:
-        base: dict[str, Any] = dict(
-            default_vmms="docker",
-            pool_size=1,
-            runjob_grace=3.0,
-            waitvm_timeout=20,
-            initializevm_timeout=30,
-            copyin_timeout=20,
-            copyout_timeout=20,
-            destroy_timeout=20,
-            backoff_initial=0.05,
-            backoff_max=1.0,
-        )
-        base.update(kw)
-        return Settings(**base)
+        return driver_test_settings("docker", **kw)
 
     def job(
         self,

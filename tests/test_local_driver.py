@@ -55,6 +55,7 @@ from .jobs import (
     ELISION,
     FORK_BOMB_PY,
     MEMORY_BOMB_PY,
+    driver_test_settings,
     finish,
     read_lines,
     warm,
@@ -235,20 +236,7 @@ class Local:
         return TimedLocal(owner=self.owner, uid_base=self.uid_base, uid_count=UIDS, **kw)
 
     def settings(self, **kw: Any) -> Settings:
-        base: dict[str, Any] = dict(
-            default_vmms="local",
-            pool_size=1,
-            runjob_grace=3.0,
-            waitvm_timeout=20,
-            initializevm_timeout=30,
-            copyin_timeout=20,
-            copyout_timeout=20,
-            destroy_timeout=20,
-            backoff_initial=0.05,
-            backoff_max=1.0,
-        )
-        base.update(kw)
-        return Settings(**base)
+        return driver_test_settings("local", **kw)
 
     def job(
         self,
