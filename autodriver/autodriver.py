@@ -301,6 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the feedback to FILE instead of standard output",
     )
     p.add_argument(
+        "--partial",
+        default=None,
+        metavar="FILE",
+        help="while the job runs, keep FILE updated (atomically, at most twice a second) "
+        "with the output so far, capped as the feedback is",
+    )
+    p.add_argument(
         "--no-cleanup",
         action="store_true",
         help="keep the grading user's files (processes are killed anyway)",
@@ -328,6 +335,10 @@ def signal_name(signum: int) -> str:
 
 # --------------------------------------------------------------------------
 # Output capture
+
+
+#: seconds between two --partial snapshots
+PARTIAL_EVERY = 0.5
 
 
 class Capture:
@@ -780,6 +791,8 @@ class Autodriver:
         self.make_status: int | None = None
         self.interrupted = 0
         self.timed_out = False
+        self.partial_due = 0.0
+        self.partial_dirty = False
         self.wake_r = self.wake_w = -1
 
     # -- setup ------------------------------------------------------------
@@ -1001,17 +1014,25 @@ class Autodriver:
         self.reap()
         while self.make_status is None and not self.interrupted:
             wait_ms = None
+            now = time.monotonic()
             if deadline is not None:
-                left = deadline - time.monotonic()
+                left = deadline - now
                 if left <= 0:
                     self.timed_out = True
                     break
                 wait_ms = int(left * 1000) + 1
+            if self.partial_dirty:
+                if now >= self.partial_due:
+                    self.write_partial(capture)
+                else:
+                    due = int((self.partial_due - now) * 1000) + 1
+                    wait_ms = due if wait_ms is None else min(wait_ms, due)
             for fd, _ in poller.poll(wait_ms):
                 if fd == out_r:
                     data = os.read(out_r, READ_CHUNK)
                     if data:
                         capture.feed(data)
+                        self.partial_dirty = self.opts.partial is not None
                     else:
                         eof = True
                         poller.unregister(out_r)
@@ -1019,6 +1040,25 @@ class Autodriver:
                     self.drain_wakeups()
                     self.reap()
         return eof
+
+    def write_partial(self, capture: Capture) -> None:
+        """Replace the --partial file with the output so far (never half-written)."""
+        self.partial_dirty = False
+        self.partial_due = time.monotonic() + PARTIAL_EVERY
+        if capture.spool is not None:
+            return  # unlimited output: no bounded snapshot to give
+        path = self.opts.partial
+        tmp = path + ".tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            try:
+                for chunk in capture.chunks():
+                    os.write(fd, chunk)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a snapshot is a courtesy; the feedback is what counts
 
     def drain_wakeups(self) -> None:
         try:

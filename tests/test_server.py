@@ -406,3 +406,32 @@ def test_config_file_and_errors(tmp_path: Path) -> None:
             load_config(str(cfg), environ={})
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(str(tmp_path / "missing.toml"), environ={})
+
+
+async def test_partial_output_of_a_running_job(tmp_path: Path) -> None:
+    settings = Settings(default_vmms="local", pool_size=1, driver_options={"local": {
+        "state_dir": str(tmp_path / "state"), "uid_base": 64540, "uid_count": 10,
+        "owner": "test-partial"}})
+    async with _running(make_config(tmp_path, settings)) as s:
+        await s.get("/open/test/lab/")
+        slow = (b"all:\n\t@echo first line\n\t@while [ ! -e release ]; do sleep 0.05; done\n"
+                b"\t@echo last line\n")
+        await s.post("/upload/test/lab/", slow, headers={"Filename": "Makefile"})
+        _, body = await s.post("/addJob/test/lab/", json=job_body(image="default", timeout=20))
+        job_id = body["jobId"]
+        # the job holds until released: its first line must show while it runs
+        with anyio.fail_after(15):
+            while True:
+                _, body, _ = await s.get(f"/getPartialOutput/test/{job_id}/")
+                assert body["statusMsg"] == "Partial output obtained"
+                if body["output"] == "first line\n":
+                    break
+                await anyio.sleep(0.05)  # ok-sleep: watching a running job over HTTP; bounded
+        _, body, _ = await s.get("/poll/test/lab/hello.out")
+        assert body == {"statusId": -1, "statusMsg": "Output file not found"}
+        # release it: the job dir is the sandbox's; the grader's file is created there
+        state = tmp_path / "state" / "test-partial"
+        (job_dir,) = [d / "job" for d in state.iterdir()]
+        (job_dir / "release").write_text("")
+        out = (await wait_output(s, "lab", "hello.out")).decode().splitlines()
+        assert out[-3:] == ["Autodriver: Job exited with status 0", "first line", "last line"]

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import threading
@@ -41,6 +42,10 @@ from .vmms import check_dest_name
 log = logging.getLogger("vmpool.server")
 
 HELLO = "Hello, world! RESTful Tango here!\n"
+#: the longest file name most file systems take, in bytes
+NAME_MAX = 255
+#: the largest pool prealloc may ask for (a typo must not mean a million VMs)
+MAX_PREALLOC = 1000
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -62,7 +67,25 @@ def check_file_name(name: str | None) -> str | None:
         return f"file name {name!r} contains a '/'"
     if name in (".", "..") or name.startswith(".."):
         return f"file name {name!r} is not allowed"
+    try:
+        if len(os.fsencode(name)) > NAME_MAX:
+            return f"file name is longer than {NAME_MAX} bytes"
+    except UnicodeEncodeError:  # a lone surrogate (a "\ud800" JSON escape)
+        return f"file name {name!r} is not valid Unicode"
     return None
+
+
+def _lab_problem(key: str, courselab: str) -> str | None:
+    """The problem with a courselab name (its folder is ``<key>-<courselab>``)."""
+    return check_file_name(courselab) or check_file_name(f"{key}-{courselab}")
+
+
+def _finite(x: float) -> bool:
+    """Not NaN nor infinite, and (an int) not too large for a float."""
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
 
 
 def _md5(path: Path) -> str:
@@ -131,7 +154,7 @@ class TangoServer:
         return request.match_info.get("key") in self._keys
 
     def _lab_dir(self, key: str, courselab: str) -> Path | None:
-        if check_file_name(courselab) is not None:
+        if _lab_problem(key, courselab) is not None:
             return None
         return self.courselabs / f"{key}-{courselab}"
 
@@ -146,7 +169,7 @@ class TangoServer:
         key, courselab = request.match_info["key"], request.match_info["courselab"]
         lab = self._lab_dir(key, courselab)
         if lab is None:
-            return fail(f"Invalid courselab name: {check_file_name(courselab)}")
+            return fail(f"Invalid courselab name: {_lab_problem(key, courselab)}")
         created = not lab.is_dir()
         (lab / "output").mkdir(parents=True, exist_ok=True)
         files = await anyio.to_thread.run_sync(self._md5s, lab)
@@ -205,7 +228,7 @@ class TangoServer:
         except (ValueError, UnicodeDecodeError) as e:
             return fail(f"Invalid job: the body is not JSON ({e})")
         job, problems = await self._job_from_json(body, lab)
-        if problems == [f"unknown image {body.get('image')!r}"]:
+        if isinstance(body, dict) and problems == [f"unknown image {body.get('image')!r}"]:
             return fail("Invalid image name")  # Tango's answer when that is all
         if problems or job is None:
             return fail("Invalid job: " + "; ".join(problems))
@@ -278,8 +301,9 @@ class TangoServer:
         timeout = body.get("timeout", 0)
         if timeout is None:
             timeout = 0
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0:
-            problems.append(f"'timeout' must be a number >= 0, got {timeout!r}")
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0 \
+                or not _finite(timeout):
+            problems.append(f"'timeout' must be a number >= 0 and finite, got {timeout!r}")
             timeout = 0
         max_kb = body.get("max_kb")
         if max_kb is not None and (isinstance(max_kb, bool) or not isinstance(max_kb, int)
@@ -379,6 +403,13 @@ class TangoServer:
                     errors="replace"
                 )
             return ok("Partial output obtained", output=text)
+        data = None
+        if h.vm is not None:
+            with contextlib.suppress(Exception):
+                data = await h.pool.driver.partialOutput(h.vm)
+        if data is not None:
+            return ok("Partial output obtained", output=data.decode(errors="replace"))
+        # Not running yet, or a driver that cannot tell: where the job stands.
         lines = [f"{t.split('|', 1)[-1]}" for t in h.job.trace]
         return ok("Partial output obtained", output="\n".join(lines) + "\n")
 
@@ -441,6 +472,8 @@ class TangoServer:
             return fail("Invalid prealloc size")
         if num < 0:
             return fail("Invalid prealloc size")
+        if num > MAX_PREALLOC:
+            return fail(f"Invalid prealloc size: at most {MAX_PREALLOC}")
         spec: dict[str, Any] = {}
         if request.can_read_body:
             raw = await request.read()

@@ -106,6 +106,11 @@ class VMMS(abc.ABC):
         """
         return []
 
+    async def partialOutput(self, vm: TangoMachine) -> bytes | None:
+        """What the job running on ``vm`` has printed so far (capped), if the
+        driver can tell; None otherwise."""
+        return None
+
     async def close(self) -> None:  # noqa: B027 - optional hook, empty by default
         """Release the driver's own resources (connections, clients)."""
 

@@ -393,8 +393,9 @@ class LocalVMMS(VMMS):
             raise RunJobError(f"VM {vm.id} has no sandbox")
         d = Path(d)
         feedback = d / "out" / "feedback"
-        with contextlib.suppress(FileNotFoundError):
-            feedback.unlink()
+        for stale in (feedback, d / "out" / "partial"):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
         mem = self._memory_bytes(vm)
         limits = [
             "-u", str(self.nproc), "-f", str(self.fsize),
@@ -405,11 +406,13 @@ class LocalVMMS(VMMS):
             limits += ["--cpu", str(self.cpu_seconds)]
         if self.sandbox == "bwrap":
             argv = [self.python, "-S", "-E", AUTODRIVER_IN_SANDBOX, *limits, "--user", "autograde",
-                    "--output", f"{OUT_DIR_IN_SANDBOX}/feedback", "--no-cgroup",
+                    "--output", f"{OUT_DIR_IN_SANDBOX}/feedback",
+                    "--partial", f"{OUT_DIR_IN_SANDBOX}/partial", "--no-cgroup",
                     JOB_DIR_IN_SANDBOX]
         else:
             argv = [self.python, "-S", "-E", str(d / "autodriver.py"), *limits, "--user", f"#{uid}",
-                    "--output", str(feedback), "--no-cgroup", str(d / "job")]
+                    "--output", str(feedback), "--partial", str(d / "out" / "partial"),
+                    "--no-cgroup", str(d / "job")]
         cmd = self._wrap_cgroup(vm, self._sandbox_cmd(vm, argv, disableNetwork))
         cg = self._cgroup(vm)
         oom_before = cg.oom_kills() if cg is not None else 0
@@ -422,6 +425,15 @@ class LocalVMMS(VMMS):
         if cg is not None and cg.oom_kills() > oom_before:
             _note_oom(feedback, mem)
         return code
+
+    async def partialOutput(self, vm: TangoMachine) -> bytes | None:
+        d = vm.driver_data.get("dir")
+        if not d:
+            return None
+        try:
+            return await anyio.Path(d, "out", "partial").read_bytes()
+        except OSError:
+            return None
 
     async def copyOut(self, vm: TangoMachine, destFile: str) -> None:
         d = vm.driver_data.get("dir")
