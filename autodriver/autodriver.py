@@ -337,8 +337,9 @@ def signal_name(signum: int) -> str:
 # Output capture
 
 
-#: seconds between two --partial snapshots
+#: seconds between two --partial snapshots, and the most a snapshot holds
 PARTIAL_EVERY = 0.5
+PARTIAL_MAX = 16 * 1024
 
 
 class Capture:
@@ -1049,11 +1050,14 @@ class Autodriver:
             return  # unlimited output: no bounded snapshot to give
         path = self.opts.partial
         tmp = path + ".tmp"
+        data = b"".join(capture.chunks())
+        if len(data) > PARTIAL_MAX:
+            # a view of the progress, not a second copy of the output
+            data = data[: PARTIAL_MAX // 2] + ELISION + data[-(PARTIAL_MAX // 2) :]
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
             try:
-                for chunk in capture.chunks():
-                    os.write(fd, chunk)
+                os.write(fd, data)
             finally:
                 os.close(fd)
             os.replace(tmp, path)
@@ -1280,6 +1284,11 @@ class Autodriver:
             finally:
                 os.close(out_r)
             self.reap_all()
+            if self.opts.partial:
+                # only meaningful while the job runs; never beside the feedback
+                for path in (self.opts.partial, self.opts.partial + ".tmp"):
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
             lines = self.status_lines(capture, killed_all)
             if killed_all:
                 failed = self.cleanup_files()
