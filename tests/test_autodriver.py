@@ -8,6 +8,7 @@ After every test no process of the grading user may be left (autouse check).
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import importlib.util
 import os
@@ -220,7 +221,9 @@ def test_python38_compatible(make_dir: Callable[..., Path]) -> None:
         None,
     )
     if py38 is None:
-        pytest.skip("no python3.8 on this machine")
+        # No 3.8 interpreter here: at least its grammar (3.8-only syntax).
+        ast.parse(AUTODRIVER.read_text(), feature_version=(3, 8))
+        return
     d = make_dir(makefile("@echo hello"))
     r = run("-t", "10", "-o", "100", d, python=py38)
     assert (r.rc, r.out) == (0, b"Autodriver: Job exited with status 0\nhello\n"), r.err
