@@ -196,6 +196,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         c = by["cold docker run --rm"]["p50_ms"]
         print(f"warm / bare p50: {w / b:.2f}x (target <= 1.3)   cold / warm p50: {c / w:.2f}x "
               f"(target >= 3)")
+        if not args.tput_jobs:
+            return {"latency": rows}
         tp1 = await throughput_pool(work, args.tput_jobs, reuse=False)
         tpr = await throughput_pool(work, args.tput_jobs, reuse=True)
         tc = await throughput_cold(work, args.tput_jobs)
@@ -210,7 +212,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--jobs", type=int, default=40, help="jobs per latency measurement")
-    ap.add_argument("--tput-jobs", type=int, default=200, help="jobs for the throughput runs")
+    ap.add_argument("--tput-jobs", type=int, default=200, help="jobs for the throughput runs (0: skip them)")
     ap.add_argument("--json", help="write the results to this file")
     args = ap.parse_args()
     result = anyio.run(main_async, args)
