@@ -27,7 +27,6 @@ import os
 import tarfile
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, ClassVar
 
 import aiodocker
@@ -36,6 +35,8 @@ import anyio.to_thread
 from aiodocker.containers import DockerContainer
 from aiodocker.exceptions import DockerError
 
+from autodriver import COMPILE_PY
+from autodriver import SOURCE as AUTODRIVER
 from vmpool.config import KIB, MIB
 from vmpool.errors import (
     CopyInError,
@@ -48,23 +49,9 @@ from vmpool.errors import (
 from vmpool.models import InputFile, TangoMachine
 from vmpool.vmms import VMMS, check_input_files, safe_name
 
-AUTODRIVER = Path(__file__).resolve().parents[2] / "autodriver" / "autodriver.py"
 JOB_DIR = "home/autograde/autolab"
 AUTODRIVER_IN_IMAGE = "opt/vmpool/autodriver.py"
 AUTODRIVER_PYC_IN_IMAGE = "opt/vmpool/autodriver.pyc"
-# Run by the image's Python with the autodriver's source on stdin: prints the
-# compiled module (a .pyc Python can run directly; hash-based and unchecked, so
-# no source file has to sit beside it). Python >= 3.7; older ones print nothing.
-COMPILE_PY = """
-import os, py_compile, sys, tempfile
-src = os.path.join(tempfile.mkdtemp(), "autodriver.py")
-with open(src, "wb") as f:
-    f.write(sys.stdin.buffer.read())
-py_compile.compile(src, cfile=src + "c", doraise=True,
-                   invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
-with open(src + "c", "rb") as f:
-    sys.stdout.buffer.write(f.read())
-"""
 # What the autodriver needs as root in the container, and nothing else.
 CAPS = ["CHOWN", "SETUID", "SETGID", "FOWNER", "KILL", "DAC_OVERRIDE", "DAC_READ_SEARCH"]
 # Exit codes of the exec's own shell (not the autodriver's 0-3).
