@@ -46,12 +46,19 @@ sys.exit(1)
 DAEMON_PY = """\
 import os, sys, time
 if os.fork():
+    # return only once the daemon is up (bounded), so the recipe's next line
+    # cannot end the job before the daemon has printed
+    for _ in range(2000):
+        if os.path.exists("daemon.up"):
+            break
+        time.sleep(0.005)  # ok-sleep: inside the job, waiting for its daemon
     os._exit(0)
 os.setsid()
 if os.fork():
     os._exit(0)
 print("daemon up", flush=True)
-time.sleep(1000)
+open("daemon.up", "w").close()
+time.sleep(1000)  # ok-sleep: the daemon that must not outlive the job
 """
 
 def read_lines(h: JobHandle) -> list[str]:
