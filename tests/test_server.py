@@ -310,6 +310,11 @@ async def test_partial_output_and_metrics(srv_cm: _running) -> None:
         assert "vmpool_jobs_total 1" in lines
         assert 'vmpool_job_outcomes_total{outcome="success"} 1' in lines
         assert any(line.startswith('vmpool_vms_free{pool="img"}') for line in lines)
+        assert 'vmpool_queue_wait_seconds_count{pool="img"} 1' in lines
+        for step in ("waitvm", "copyin", "runjob", "copyout"):
+            assert f'vmpool_step_seconds_count{{step="{step}"}} 1' in lines
+        assert 'vmpool_job_seconds_bucket{outcome="success",le="+Inf"} 1' in lines
+        assert "# TYPE vmpool_step_seconds histogram" in lines
 
 
 async def test_callback_arrives(tmp_path: Path) -> None:

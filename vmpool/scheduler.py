@@ -28,6 +28,7 @@ import anyio.lowlevel
 
 from .config import Settings
 from .errors import JobError, PoolClosedError, VMMSError
+from .metrics import Histogram
 from .models import TangoJob, TangoMachine
 from .output import HERE_IS_OUTPUT, autograder_line, finish_output, temp_path_for
 from .pool import Pool
@@ -193,6 +194,13 @@ class Scheduler:
         self._next_id = first_job_id
         self.on_done: list[OnDone] = list(on_done or [])
         self.counters = Counters()
+        self.queue_wait = Histogram(
+            "queue_wait_seconds", "From a job's try being queued to its VM being handed over.",
+            "pool")
+        self.step_seconds = Histogram(
+            "step_seconds", "Duration of each VMMS step of a job that completed it.", "step")
+        self.job_seconds = Histogram(
+            "job_seconds", "From submission to the output file in place, by outcome.", "outcome")
         self.live: dict[int, JobHandle] = {}
         self._closing = False
         #: set by a server that keeps its jobs in a store: jobs cancelled by
@@ -346,6 +354,7 @@ class Scheduler:
         except PoolClosedError:
             reason = h._cancel_reason or f"pool {pool.spec.key} was closed"
             return _Final(Outcome.CANCELLED, f"Error: Job cancelled ({reason})")
+        self.queue_wait.observe(pool.spec.key, time.monotonic() - queued_at)
         vm = lease.vm
         h.vm = vm
         h.state = JobState.RUNNING
@@ -363,14 +372,17 @@ class Scheduler:
             # step, so that when it fires `step` says which one overran.
             with anyio.CancelScope() as deadline:
                 try:
-                    deadline.deadline = anyio.current_time() + s.waitvm_timeout
+                    t = anyio.current_time()
+                    deadline.deadline = t + s.waitvm_timeout
                     await driver.waitVM(vm, s.waitvm_timeout)
                     steps["waitvm"] = 0
 
                     step = "copyin"
-                    deadline.deadline = anyio.current_time() + s.copyin_timeout
+                    t = self._stepped("waitvm", t)
+                    deadline.deadline = t + s.copyin_timeout
                     await driver.copyIn(vm, job.input)
                     steps["copyin"] = 0
+                    t = self._stepped("copyin", t)
                     job.log(f"Input copied for job {job.name}:{job.id} [status=0]")
 
                     # The autodriver stops the job at `timeout`; if runJob has
@@ -379,19 +391,22 @@ class Scheduler:
                     step = "runjob"
                     started = time.monotonic()
                     overhead.append(started - max(queued_at, lease.ready_at))
-                    deadline.deadline = anyio.current_time() + timeout + s.runjob_grace
+                    t = anyio.current_time()
+                    deadline.deadline = t + timeout + s.runjob_grace
                     status = await driver.runJob(
                         vm, timeout, job.maxOutputFileSize or s.max_output_file_size,
                         job.disableNetwork,
                     )
                     steps["runjob"] = status
+                    t = self._stepped("runjob", t)
                     job.log(f"Job {job.name}:{job.id} executed [status={status}]")
 
                     if status != EXIT_OSERROR:
                         step = "copyout"
-                        deadline.deadline = anyio.current_time() + s.copyout_timeout
+                        deadline.deadline = t + s.copyout_timeout
                         await driver.copyOut(vm, feedback)
                         steps["copyout"] = 0
+                        self._stepped("copyout", t)
                         job.log(f"Output copied for job {job.name}:{job.id} [status=0]")
                 except Exception as e:
                     error = e
@@ -422,6 +437,11 @@ class Scheduler:
             raise
         finally:
             pool.release(lease, healthy=healthy)
+
+    def _stepped(self, step: str, started: float) -> float:
+        now = anyio.current_time()
+        self.step_seconds.observe(step, now - started)
+        return now
 
     def _step_failed(
         self,
@@ -516,6 +536,7 @@ class Scheduler:
         )
         h.state = JobState.DONE
         self.counters.outcomes[final.outcome.value] += 1
+        self.job_seconds.observe(final.outcome.value, h.result.finished_at - h.submitted_at)
         del self.live[h.id]
         h._done.set()
         if not self.live:

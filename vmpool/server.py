@@ -543,6 +543,9 @@ class TangoServer:
             metric(name, kind, f"Per pool: {k}.", samples)
         metric("live_jobs", "gauge", "Jobs accepted and not ended.",
                [("", len(self.manager.scheduler.live))])
+        sch = self.manager.scheduler
+        for hist in (sch.queue_wait, sch.step_seconds, sch.job_seconds):
+            lines.extend(hist.render())
         return web.Response(text="\n".join(lines) + "\n",
                             content_type="text/plain", charset="utf-8")
 
