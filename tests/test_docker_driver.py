@@ -896,3 +896,26 @@ async def test_the_images_own_autodriver(dock: Dock, tango_image: str) -> None:
         "ls: cannot access '/opt/vmpool': No such file or directory",
         "make: [Makefile:5: all] Error 2 (ignored)",
     ]
+
+
+async def test_partial_output_of_a_running_job(dock: Dock) -> None:
+    drv = dock.driver()
+    async with Manager(dock.settings(), drivers={"docker": drv}) as mgr:
+        await warm(mgr, IMAGE)
+        h = await mgr.submit(dock.job("partial", [
+            "@echo first line",
+            "@while [ ! -e release ]; do sleep 0.05; done",
+            "@echo last line",
+        ], timeout=20))
+        # the job holds until released: its first line must show while it runs
+        with anyio.fail_after(15):
+            while True:
+                if h.vm is not None and await drv.partialOutput(h.vm) == b"first line\n":
+                    break
+                await anyio.sleep(0.05)  # ok-sleep: watching a running job; bounded
+        assert not h.done()
+        await dock.exec_in(h.vm.driver_data["cid"], ["touch", "/home/autograde/autolab/release"])
+        r = await finish(h)
+    assert r.outcome is Outcome.SUCCESS
+    assert read_lines(h)[-3:] == ["Autodriver: Job exited with status 0", "first line",
+                                  "last line"]

@@ -52,6 +52,8 @@ from vmpool.vmms import VMMS, check_input_files, safe_name
 JOB_DIR = "home/autograde/autolab"
 AUTODRIVER_IN_IMAGE = "opt/vmpool/autodriver.py"
 AUTODRIVER_PYC_IN_IMAGE = "opt/vmpool/autodriver.pyc"
+#: the autodriver's snapshot of a running job's output (root-only directory)
+PARTIAL_IN_IMAGE = "/opt/vmpool/partial"
 # What the autodriver needs as root in the container, and nothing else.
 CAPS = ["CHOWN", "SETUID", "SETGID", "FOWNER", "KILL", "DAC_OVERRIDE", "DAC_READ_SEARCH"]
 # Exit codes of the exec's own shell (not the autodriver's 0-3).
@@ -291,6 +293,7 @@ class DockerVMMS(VMMS):
                 AUTODRIVER_PYC_IN_IMAGE if vm.image in self._compiled else AUTODRIVER_IN_IMAGE
             )
             run = ["python3", "-S", "-E", f"/{script_path}", *limits, "--mem", str(memory),
+                   "--partial", PARTIAL_IN_IMAGE,
                    "--user", self.grading_user, f"/{JOB_DIR}"]
             if self.cpu_seconds:
                 run[4:4] = ["--cpu", str(self.cpu_seconds)]
@@ -377,6 +380,16 @@ class DockerVMMS(VMMS):
         info = await exe.inspect()
         code = info.get("ExitCode")
         return code, bytes(out), bytes(err)
+
+    async def partialOutput(self, vm: TangoMachine) -> bytes | None:
+        """The running job's output so far: one exec, only when asked."""
+        if self.image_autodriver or not vm.driver_data.get("cid"):
+            return None
+        try:
+            code, out, _ = await self._exec(vm, ["cat", PARTIAL_IN_IMAGE], out_cap=64 * KIB)
+        except DockerError:
+            return None
+        return out if code == 0 else None
 
     async def copyOut(self, vm: TangoMachine, destFile: str) -> None:
         data = vm.driver_data.pop("feedback", None)
