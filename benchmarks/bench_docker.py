@@ -212,7 +212,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--jobs", type=int, default=40, help="jobs per latency measurement")
-    ap.add_argument("--tput-jobs", type=int, default=200, help="jobs for the throughput runs (0: skip them)")
+    ap.add_argument("--tput-jobs", type=int, default=200,
+                    help="jobs for the throughput runs (0: skip them)")
     ap.add_argument("--json", help="write the results to this file")
     args = ap.parse_args()
     result = anyio.run(main_async, args)

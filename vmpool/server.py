@@ -144,6 +144,9 @@ class TangoServer:
         # A bug must never surface as a bare 500 page to Autolab.
         try:
             return await handler(request)
+        except web.HTTPRequestEntityTooLarge:
+            # a body over client_max_size (addJob, prealloc): Tango's JSON, not a 413 page
+            return fail(f"Request body too large (limit {self.config.max_upload_bytes} bytes)")
         except web.HTTPException:
             raise
         except Exception as e:

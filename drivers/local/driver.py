@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -149,6 +150,7 @@ class LocalVMMS(VMMS):
         os.chmod(self.state_dir, 0o711)
         os.chmod(self._owner_dir, 0o711)  # whatever the umask
         self._release_stale_claims()
+        self._remove_stale_cgroups()
         self._compiled = self._compile_autodriver()
         if sandbox == "rlimits":
             # No bind mount: the job reaches its directory through the state
@@ -501,8 +503,9 @@ class LocalVMMS(VMMS):
             try:
                 meta = json.loads((d / "vm.json").read_text())
             except (OSError, ValueError):
-                # a sandbox whose creation was cut short: still ours to remove
-                meta = {"name": d.name, "driver_data": {"dir": str(d)}}
+                # a sandbox whose creation (or removal) was cut short: still
+                # ours to remove, with its id (hence its cgroup) and its uid
+                meta = self._meta_from_name(d.name)
             data = meta.pop("driver_data", {}) or {}
             meta.pop("owner", None)
             fields = {k: v for k, v in meta.items() if k in TangoMachine.__dataclass_fields__}
@@ -511,6 +514,38 @@ class LocalVMMS(VMMS):
             vm.driver_data["dir"] = str(d)
             vms.append(vm)
         return vms
+
+    def _meta_from_name(self, instance: str) -> dict[str, Any]:
+        """What a sandbox's directory name and its uid claim say of it."""
+        meta: dict[str, Any] = {"name": instance, "driver_data": {}}
+        m = re.fullmatch(rf"{re.escape(self.prefix)}-(\d+)-(.+)", instance)
+        if m:
+            meta.update(id=int(m.group(1)), name=m.group(2))
+        for claim in self.uid_dir.iterdir():
+            try:
+                if (claim / "owner").read_text().strip() == f"{self.owner}/{instance}":
+                    meta["driver_data"]["uid"] = int(claim.name)
+                    break
+            except (OSError, ValueError):
+                continue
+        return meta
+
+    def _remove_stale_cgroups(self) -> None:
+        """Remove this owner's cgroups whose sandbox is gone (a crash between
+        removing the sandbox's directory and its cgroup)."""
+        if self.cgroups is None:
+            return
+        mine = safe_name(f"vmpool-{self.owner}-{self.prefix}-")
+        found: set[str] = set()
+        for parent in self.cgroups.parents.values():
+            with contextlib.suppress(OSError):
+                found |= {p.name for p in parent.iterdir()
+                          if p.is_dir() and p.name.startswith(mine)}
+        live = {safe_name(f"vmpool-{self.owner}-{d.name}") for d in self._owner_dir.iterdir()}
+        for name in sorted(found - live):
+            cg = self.cgroups.for_name(name)
+            cg.kill_all()
+            cg.remove()
 
     def describe(self) -> dict[str, Any]:
         return {
