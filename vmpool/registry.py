@@ -37,7 +37,13 @@ def driver_factory(name: str) -> DriverFactory:
         return _registered[name]
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name == name:
-            factory = ep.load()
+            try:
+                factory = ep.load()
+            except ImportError as e:
+                raise UnknownDriverError(
+                    f"driver {name!r} needs a package that is not installed ({e}); "
+                    f"install vmpool's extra for it: pip install 'vmpool[{name}]'"
+                ) from None
             if not callable(factory):
                 raise UnknownDriverError(
                     f"entry point {ep.value!r} for driver {name!r} is not callable"
