@@ -35,7 +35,7 @@ for _ in range(4):
         x = bytearray(40 * 10**6)
         for i in range(0, len(x), 4096):
             x[i] = 1
-        time.sleep(1000)
+        time.sleep(1000)  # ok-sleep: the bomb holds its memory
         os._exit(0)
 pid, status = os.wait()
 sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
