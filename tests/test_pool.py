@@ -245,3 +245,24 @@ async def test_spec_names() -> None:
     assert PoolSpec("rhel.img", "sim").name == "rhel"
     assert PoolSpec("rhel.img", "sim").key == "rhel"
     assert PoolSpec("rhel.img", "sim", cores=2, memory=512).key == "rhel[cores=2,memory=512]"
+
+
+async def test_drain_destroys_everything_and_keeps_the_pool_usable() -> None:
+    sim = SimVMMS()
+    async with make_pool(sim, min_idle=3, max_size=3, reuse=True) as pool:
+        with anyio.fail_after(5):
+            await pool.wait_until(lambda s: s.free == 3)
+        held = await pool.acquire()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pool.drain)
+            with anyio.fail_after(5):
+                # idle VMs go at once; the busy one is waited for
+                await pool.wait_until(lambda s: s.free == 0 and s.destroying == 0 and s.busy == 1)
+            assert len(sim.live) == 1
+            pool.release(held, healthy=True)  # reuse is off while draining: destroyed
+        st = pool.status()
+        assert st.total == 0 and sim.live == {} and pool.reuse
+        # still open: a job gets a VM made on demand
+        with anyio.fail_after(5):
+            lease = await pool.acquire()
+        pool.release(lease, healthy=True)
