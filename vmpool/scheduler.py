@@ -306,7 +306,7 @@ class Scheduler:
                     final = _Final(Outcome.CANCELLED, f"Error: Job cancelled ({reason})")
                 # Let the job that was just handed our VM start its run before
                 # we spend time writing our output file.
-                await anyio.lowlevel.cancel_shielded_checkpoint()
+                await anyio.lowlevel.checkpoint()  # inside the shield: cannot raise
                 await self._finish(h, final, failures, steps, overhead)
 
     async def _tries(
