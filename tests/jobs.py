@@ -3,6 +3,7 @@ local driver, Docker driver): one copy of each bomb."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -92,3 +93,21 @@ def driver_test_settings(vmms: str, **kw: Any) -> Settings:
     )
     base.update(kw)
     return Settings(**base)
+
+
+def processes_of(uids: set[int]) -> list[str]:
+    """Live (non-zombie) processes with one of ``uids`` as real, effective or saved uid."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            status = Path(f"/proc/{name}/status").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        ids = {int(v) for v in fields.get("Uid", "").split()[:3]}
+        state = fields.get("State", "?").strip()[:1]
+        if ids & uids and state not in ("Z", "X"):
+            found.append(f"{name} {fields.get('Name', '').strip()} uids={sorted(ids)}")
+    return found

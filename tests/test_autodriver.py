@@ -31,7 +31,7 @@ from types import ModuleType
 
 import pytest
 
-from .jobs import DAEMON_PY, ELISION, FORK_BOMB_PY, MEMORY_BOMB_PY
+from .jobs import DAEMON_PY, ELISION, FORK_BOMB_PY, MEMORY_BOMB_PY, processes_of
 
 AUTODRIVER = Path(__file__).resolve().parent.parent / "autodriver" / "autodriver.py"
 GRADER = "vmpool-grader-test"
@@ -81,20 +81,7 @@ def grader() -> pwd.struct_passwd:
 
 def grader_processes(uid: int) -> list[str]:
     """Live (non-zombie) processes with uid as real, effective or saved uid."""
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            status = Path(f"/proc/{name}/status").read_text()
-        except OSError:
-            continue
-        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        uids = [int(v) for v in fields.get("Uid", "").split()[:3]]
-        state = fields.get("State", "?").strip()[:1]
-        if uid in uids and state not in ("Z", "X"):
-            found.append(f"{name} {fields.get('Name', '').strip()} {state}")
-    return found
+    return processes_of({uid})
 
 
 @pytest.fixture(autouse=True)

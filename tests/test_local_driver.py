@@ -57,6 +57,7 @@ from .jobs import (
     MEMORY_BOMB_PY,
     driver_test_settings,
     finish,
+    processes_of,
     read_lines,
     warm,
 )
@@ -86,22 +87,6 @@ class TimedLocal(LocalVMMS):
         return await super().runJob(vm, runTimeout, maxOutputFileSize, disableNetwork)
 
 
-def processes_of(uids: set[int]) -> list[str]:
-    """Live (non-zombie) processes with one of ``uids`` as real, effective or saved uid."""
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            status = Path(f"/proc/{name}/status").read_text()
-        except OSError:
-            continue
-        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        ids = {int(v) for v in fields.get("Uid", "").split()[:3]}
-        state = fields.get("State", "?").strip()[:1]
-        if ids & uids and state not in ("Z", "X"):
-            found.append(f"{name} {fields.get('Name', '').strip()} uids={sorted(ids)}")
-    return found
 
 
 def disk_usage(root: Path) -> int:
