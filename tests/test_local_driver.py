@@ -879,3 +879,26 @@ async def test_stale_uid_claims_of_this_owner_are_released(local: Local) -> None
     finally:
         shutil.rmtree(other, ignore_errors=True)
         await drv.destroyVM(vm)
+
+
+async def test_copy_in_never_follows_a_planted_link(local: Local, tmp_path: Path) -> None:
+    drv = local.driver()
+    vm = TangoMachine(name=IMAGE, image=IMAGE, id=1)
+    await drv.initializeVM(vm)
+    try:
+        job = Path(vm.driver_data["dir"]) / "job"
+        outside = tmp_path / "outside"
+        outside.mkdir()
+        # what a previous job on a reused sandbox could have left
+        (job / "sub").symlink_to(outside)
+        (job / "Makefile").symlink_to(outside / "target")
+        src = tmp_path / "src"
+        src.write_text("data\n")
+        await drv.copyIn(vm, [InputFile(str(src), "sub/Makefile"),
+                              InputFile(str(src), "Makefile")])
+        assert list(outside.iterdir()) == [] and outside.stat().st_uid == 0
+        assert not (job / "sub").is_symlink() and (job / "sub" / "Makefile").read_text() == "data\n"
+        assert not (job / "Makefile").is_symlink()
+        assert (job / "sub").stat().st_uid == vm.driver_data["uid"]
+    finally:
+        await drv.destroyVM(vm)

@@ -367,3 +367,33 @@ async def test_every_job_ends_exactly_once_even_with_unexpected_errors(
                 assert r.outcome is Outcome.INTERNAL_ERROR
                 assert "RuntimeError: simulated driver bug in copyOut" in read(h)
     assert sorted(ended) == [h.id for h in handles]
+
+
+async def test_manager_cancelled_from_outside_closes_and_leaks_nothing(
+    new_job: JobFactory, fast: Settings
+) -> None:
+    sim = SimVMMS(latency={"initializeVM": 1.0, "runJob": 5.0})
+    handles: list[JobHandle] = []
+    with anyio.fail_after(10):
+        with anyio.move_on_after(0.3) as outer:
+            async with Manager(fast.replace(pool_size=2, runjob_timeout=30),
+                               drivers={"sim": sim}) as mgr:
+                handles.append(await mgr.submit(new_job()))
+                await anyio.sleep_forever()
+    assert outer.cancelled_caught
+    assert sim.live == {}
+    assert all(p.status().total == 0 for p in mgr.pools.values())
+
+
+async def test_a_job_id_already_live_is_refused(new_job: JobFactory, fast: Settings) -> None:
+    sim = SimVMMS()
+    sim.add_fault(FaultRule("runJob", "hang", times=1))
+    async with Manager(fast.replace(runjob_timeout=30), drivers={"sim": sim}) as mgr:
+        h = await mgr.submit(new_job())
+        again = new_job()
+        again.id = h.id
+        with pytest.raises(JobError, match=f"job {h.id} is already queued or running"):
+            await mgr.submit(again)
+        h.cancel()
+        with anyio.fail_after(5):
+            assert (await h.wait()).outcome is Outcome.CANCELLED

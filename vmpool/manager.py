@@ -134,6 +134,10 @@ class Manager:
                 self._reconciled.add(name)
                 if self._reconcile:
                     await self._reconcile_driver(drv)
+            if name not in self._images:
+                # Until the image list is known the driver is not ready: a
+                # failure here is raised, and asked again next time (never
+                # "any image goes").
                 get_images = getattr(drv, "getImages", None)
                 self._images[name] = await get_images() if get_images is not None else None
             self._ready[name] = drv

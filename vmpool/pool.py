@@ -336,7 +336,10 @@ class Pool:
                 # healthy, so it goes to the next waiter.
                 rec = fut.result()
                 self._n_busy -= 1
-                self._make_available(rec)
+                if self._closing:
+                    self._start_destroy(rec, "pool closing")
+                else:
+                    self._make_available(rec)
                 self._refill()
             elif not fut.done() or fut.cancelled():
                 # Our own cancellation (the future is cancelled with the task):
@@ -446,6 +449,12 @@ class Pool:
                             rec.vm.id)
                 self._n_busy -= 1
                 self._start_destroy(rec, "held past close")
+        # Work the workers may not live to do (their task group cancelled):
+        # creations never started need nothing; queued destroys run here.
+        self._creators.drop_queued(lambda rec: self._vms.pop(rec.vm.id or 0, None))
+        while (queued := self._destroyers.take()) is not None:
+            with anyio.CancelScope(shield=True):
+                await self._destroy(queued)
         await self._wait_until(self._quiet)
         self._creators.stop()
         self._destroyers.stop()
@@ -623,9 +632,11 @@ class Pool:
         return True
 
     async def _wake_after_backoff(self, scope: anyio.CancelScope) -> None:
-        with scope:
-            await anyio.sleep(max(0.0, self._backoff_until - time.monotonic()))
-        self._wake_scope = None
+        try:
+            with scope:
+                await anyio.sleep(max(0.0, self._backoff_until - time.monotonic()))
+        finally:
+            self._wake_scope = None
         self._refill()
 
     async def _create(self, rec: _VMRecord) -> None:
@@ -641,15 +652,27 @@ class Pool:
         # One cancel scope: the pool cancels it (shrink, close) and its
         # deadline moves from step to step.
         step, limit = "initializeVM", self.initializevm_timeout
-        with scope:
-            try:
-                scope.deadline = anyio.current_time() + limit
-                await self.driver.initializeVM(vm)
-                step, limit = "waitVM", self.waitvm_timeout
-                scope.deadline = anyio.current_time() + limit
-                await self.driver.waitVM(vm, limit)
-            except Exception as e:
-                error = e
+        try:
+            with scope:
+                try:
+                    scope.deadline = anyio.current_time() + limit
+                    await self.driver.initializeVM(vm)
+                    step, limit = "waitVM", self.waitvm_timeout
+                    scope.deadline = anyio.current_time() + limit
+                    await self.driver.waitVM(vm, limit)
+                except Exception as e:
+                    error = e
+        except BaseException:
+            # Cancelled from outside (the owner's task group is going away):
+            # the workers may be gone too, so the VM is destroyed here.
+            if not rec.cancelled:
+                rec.cancelled = True
+                self._n_creating -= 1
+            rec.state = VMState.DESTROYING
+            self._n_destroying += 1
+            with anyio.CancelScope(shield=True):
+                await self._destroy(rec)
+            raise
         cancelled = rec.cancelled
         if scope.cancelled_caught and not cancelled and error is None:
             error = VMTimeoutError(step, limit)
@@ -766,6 +789,14 @@ class _Workers:
 
     def idle(self) -> bool:
         return not self._queue and self._busy == 0
+
+    def take(self) -> _VMRecord | None:
+        """Take a queued item to do it oneself (None when there is none)."""
+        return self._queue.popleft() if self._queue else None
+
+    def drop_queued(self, drop: Callable[[_VMRecord], object]) -> None:
+        while self._queue:
+            drop(self._queue.popleft())
 
     def stop(self) -> None:
         self._stopping = True

@@ -251,6 +251,8 @@ class Scheduler:
         if self._closing:
             raise PoolClosedError("the scheduler is closed and takes no more jobs")
         self.validate(job)
+        if job.id is not None and job.id in self.live:
+            raise JobError(f"job {job.id} is already queued or running")
         pool = self._pool_for(job)
         if job.id is None:
             job.id = self._next_id
@@ -537,7 +539,8 @@ class Scheduler:
         h.state = JobState.DONE
         self.counters.outcomes[final.outcome.value] += 1
         self.job_seconds.observe(final.outcome.value, h.result.finished_at - h.submitted_at)
-        del self.live[h.id]
+        if self.live.get(h.id) is h:
+            del self.live[h.id]
         h._done.set()
         if not self.live:
             events, self._idle_events = self._idle_events, []

@@ -601,6 +601,8 @@ class TangoServer:
         rerun = complete = 0
         for s in await anyio.to_thread.run_sync(self.store.unfinished):
             job = s.job
+            if s.id in self.manager.scheduler.live:
+                continue  # already running (never twice)
             if await anyio.Path(job.outputFile).is_file():
                 # finished before the crash (the output is renamed into place
                 # only when whole; addJob removed any stale one)
@@ -644,12 +646,14 @@ async def serve(
         server = TangoServer(config, manager, store)
         server._tg = tg
         server._http = http
+        # Recover before listening: a job added meanwhile would be found
+        # unfinished in the store and submitted a second time.
+        rerun, complete = await server.recover()
         runner = web.AppRunner(server.app(), access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, config.host, config.port)
         await site.start()
         port = _bound_port(site, config.port)
-        rerun, complete = await server.recover()
         log.info("vmpool serving on %s:%s (%d jobs rerun, %d found complete)",
                  config.host, port, rerun, complete)
         if ready is not None:

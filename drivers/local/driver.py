@@ -391,17 +391,22 @@ class LocalVMMS(VMMS):
     @staticmethod
     def _copy_in(job: Path, uid: int, files: list[InputFile]) -> None:
         for f in files:
-            dest = job / os.path.normpath(f.destFile)
+            rel = Path(os.path.normpath(f.destFile))
             try:
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                # never write through a link the job may have planted
+                # Never write or chown through a link the job may have left
+                # (a reused sandbox): each directory on the way is checked.
+                d = job
+                for part in rel.parts[:-1]:
+                    d = d / part
+                    if d.is_symlink() or (d.exists() and not d.is_dir()):
+                        d.unlink()
+                    d.mkdir(exist_ok=True)
+                    os.lchown(d, uid, uid)
+                dest = d / rel.name
                 if dest.is_symlink():
                     dest.unlink()
                 shutil.copyfile(f.localFile, dest, follow_symlinks=True)
-                os.chown(dest, uid, uid)
-                for parent in dest.relative_to(job).parents:
-                    if str(parent) != ".":
-                        os.chown(job / parent, uid, uid)
+                os.lchown(dest, uid, uid)
             except OSError as e:
                 raise CopyInError(f"copying {f.localFile} to {f.destFile}: {e.strerror or e}",
                                   status=e.errno or -1) from e
