@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
-import sys
 import tarfile
 import tempfile
 import time
@@ -33,9 +31,10 @@ from typing import Any
 
 import aiodocker
 import anyio
+from common import run_and_report
 
+from autodriver import SOURCE as AUTODRIVER
 from drivers.docker import DockerVMMS
-from drivers.docker.driver import AUTODRIVER
 from vmpool import Manager, Outcome, Settings, make_job
 from vmpool.stats import percentile
 
@@ -216,10 +215,7 @@ def main() -> None:
                     help="jobs for the throughput runs (0: skip them)")
     ap.add_argument("--json", help="write the results to this file")
     args = ap.parse_args()
-    result = anyio.run(main_async, args)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    sys.exit(0)
+    run_and_report(main_async, args)
 
 
 if __name__ == "__main__":

@@ -18,15 +18,14 @@ place. Run as root (the local driver hands out uids).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import anyio
+from common import run_and_report
 
 from drivers.local import LocalVMMS
 from vmpool import Manager, Outcome, Settings, make_job
@@ -117,10 +116,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=50)
     ap.add_argument("--json", help="write the results to this file")
     args = ap.parse_args()
-    rows = anyio.run(main_async, args)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
-    sys.exit(0)
+    run_and_report(main_async, args)
 
 
 if __name__ == "__main__":

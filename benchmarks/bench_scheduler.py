@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
+from common import run_and_report
 
 from drivers.sim import SimVMMS
 from vmpool import Manager, Outcome, Settings, make_job
@@ -162,10 +161,7 @@ def main() -> None:
                     "disk's file-creation cost is measured apart)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    rows = anyio.run(main_async, args)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
-    sys.exit(0)
+    run_and_report(main_async, args)
 
 
 if __name__ == "__main__":

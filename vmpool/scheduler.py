@@ -32,7 +32,7 @@ from .metrics import Histogram
 from .models import TangoJob, TangoMachine
 from .output import HERE_IS_OUTPUT, autograder_line, finish_output, temp_path_for
 from .pool import Pool
-from .vmms import EXIT_OK, EXIT_OSERROR, EXIT_TIMEOUT, EXIT_USAGE, check_input_files
+from .vmms import EXIT_OK, EXIT_OSERROR, EXIT_TIMEOUT, EXIT_USAGE, check_input_files, format_seconds
 
 log = logging.getLogger("vmpool.scheduler")
 
@@ -426,7 +426,7 @@ class Scheduler:
             if status == EXIT_TIMEOUT:
                 self.counters.runjob_timeouts += 1
                 return _Final(Outcome.TIMEOUT,
-                              f"Error: Job timed out after {_secs(timeout)} seconds",
+                              f"Error: Job timed out after {format_seconds(timeout)} seconds",
                               status, feedback)
             self.counters.runjob_errors += 1
             if status == EXIT_USAGE:
@@ -476,10 +476,10 @@ class Scheduler:
         if step == "runjob":
             if error is None:
                 c.runjob_timeouts += 1
-                limit = _secs(timeout + s.runjob_grace)
+                limit = format_seconds(timeout + s.runjob_grace)
                 return _Final(
                     Outcome.TIMEOUT,
-                    f"Error: Job timed out after {_secs(timeout)} seconds",
+                    f"Error: Job timed out after {format_seconds(timeout)} seconds",
                     extra=[
                         f"runJob did not return within {limit} s; "
                         f"the job was stopped and VM {vm_name} destroyed"
@@ -565,9 +565,6 @@ def _desc(e: BaseException) -> str:
         return text or type(e).__name__
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
-
-def _secs(t: float) -> str:
-    return str(int(t)) if float(t).is_integer() else f"{t:g}"
 
 
 def _unlink(path: str) -> None:

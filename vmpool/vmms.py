@@ -119,6 +119,22 @@ class VMMS(abc.ABC):
         return {"driver": self.driver_name, "owner": self.owner}
 
 
+def format_seconds(t: float) -> str:
+    """Seconds as Tango prints them: ``1`` for a whole number, else ``0.5``."""
+    return str(int(t)) if float(t).is_integer() else f"{t:g}"
+
+
+def add_memory_line(feedback: bytes, memory: int) -> bytes:
+    """The feedback with ``Autodriver: memory limit of N bytes exceeded`` after
+    its status line(s), for an OOM kill the driver saw and the autodriver did not."""
+    line = f"Autodriver: memory limit of {memory} bytes exceeded\n".encode()
+    if line in feedback:
+        return feedback
+    lines = feedback.split(b"\n", 2)
+    n = 2 if len(lines) > 2 and lines[1].startswith(b"Autodriver: make was killed") else 1
+    return b"\n".join(lines[:n]) + b"\n" + line + b"\n".join(lines[n:])
+
+
 def safe_name(name: str) -> str:
     """``name`` with every character outside ``[A-Za-z0-9_.-]`` replaced by ``_``
     (container names, directory names: an image ``course/lab`` names pools too)."""

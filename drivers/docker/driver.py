@@ -47,7 +47,7 @@ from vmpool.errors import (
     VMNotReadyError,
 )
 from vmpool.models import InputFile, TangoMachine
-from vmpool.vmms import VMMS, check_input_files, safe_name
+from vmpool.vmms import VMMS, add_memory_line, check_input_files, format_seconds, safe_name
 
 JOB_DIR = "home/autograde/autolab"
 AUTODRIVER_IN_IMAGE = "opt/vmpool/autodriver.py"
@@ -280,7 +280,7 @@ class DockerVMMS(VMMS):
         if data is None:
             data = self._input_tar([], vm.image)
         limits = [
-            "-u", str(self.nproc), "-f", str(self.fsize), "-t", _num(runTimeout),
+            "-u", str(self.nproc), "-f", str(self.fsize), "-t", format_seconds(runTimeout),
             "-o", str(maxOutputFileSize),
         ]
         if self.image_autodriver:
@@ -342,7 +342,7 @@ class DockerVMMS(VMMS):
                 f"the autodriver did not run (exit {code}): {detail or 'no output'}"
             )
         if oom_killed:
-            out = _note_oom(out, memory)
+            out = add_memory_line(out, memory)
         vm.driver_data["feedback"] = out
         return code
 
@@ -455,20 +455,6 @@ def _oom_kills(err: bytes) -> tuple[bytes, bool]:
         counts[0]
     )
     return head + sep, seen
-
-
-def _note_oom(out: bytes, mem: int) -> bytes:
-    """Add the memory line after the status line(s) when the autodriver did not."""
-    line = f"Autodriver: memory limit of {mem} bytes exceeded\n".encode()
-    if line in out:
-        return out
-    lines = out.split(b"\n", 2)
-    n = 2 if len(lines) > 2 and lines[1].startswith(b"Autodriver: make was killed") else 1
-    return b"\n".join(lines[:n]) + b"\n" + line + b"\n".join(lines[n:])
-
-
-def _num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
 def _write(path: str, data: bytes) -> None:

@@ -58,7 +58,7 @@ from vmpool.errors import (
     VMNotReadyError,
 )
 from vmpool.models import InputFile, TangoMachine
-from vmpool.vmms import VMMS, check_input_files, safe_name
+from vmpool.vmms import VMMS, add_memory_line, check_input_files, format_seconds, safe_name
 
 from .cgroups import CgroupSet, cgroup_support
 
@@ -426,7 +426,7 @@ class LocalVMMS(VMMS):
         mem = self._memory_bytes(vm)
         limits = [
             "-u", str(self.nproc), "-f", str(self.fsize),
-            "-t", _num(runTimeout), "-o", str(maxOutputFileSize),
+            "-t", format_seconds(runTimeout), "-o", str(maxOutputFileSize),
             "--mem", str(mem),
         ]
         if self.cpu_seconds:
@@ -450,7 +450,9 @@ class LocalVMMS(VMMS):
                 f"the sandbox did not run the autodriver (exit {code}): {text[:500]}"
             )
         if cg is not None and cg.oom_kills() > oom_before:
-            _note_oom(feedback, mem)
+            # the cgroup OOM-killed something the autodriver did not see
+            with contextlib.suppress(OSError):
+                feedback.write_bytes(add_memory_line(feedback.read_bytes(), mem))
         return code
 
     async def partialOutput(self, vm: TangoMachine) -> bytes | None:
@@ -570,10 +572,6 @@ def _closed_to_others(path: Path) -> Path | None:
     return None
 
 
-def _num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else f"{x:g}"
-
-
 def _kill_group(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
@@ -632,19 +630,6 @@ def _copy_capped(src: Path, dest: str, cap: int) -> None:
     except OSError as e:
         code = e.errno or -1
         raise CopyOutError(f"copying the feedback file: {e.strerror or e}", status=code) from e
-
-
-def _note_oom(feedback: Path, mem: int) -> None:
-    """Say so when the sandbox's cgroup OOM-killed something the autodriver missed."""
-    line = f"Autodriver: memory limit of {mem} bytes exceeded"
-    try:
-        text = feedback.read_bytes()
-    except OSError:
-        return
-    if line.encode() in text:
-        return
-    head, sep, rest = text.partition(b"\n")
-    feedback.write_bytes(head + sep + line.encode() + b"\n" + rest)
 
 
 if sys.platform != "linux":  # pragma: no cover

@@ -32,7 +32,7 @@ from vmpool.errors import (
     VMNotReadyError,
 )
 from vmpool.models import InputFile, TangoMachine
-from vmpool.vmms import EXIT_OK, EXIT_TIMEOUT, VMMS, check_input_files
+from vmpool.vmms import EXIT_OK, EXIT_TIMEOUT, VMMS, check_input_files, format_seconds
 
 METHODS = ("initializeVM", "waitVM", "copyIn", "runJob", "copyOut", "destroyVM", "getVMs")
 
@@ -273,8 +273,9 @@ class SimVMMS(VMMS):
         rule = await self._step("runJob", vm, runTimeout)
         self._require_live(vm, RunJobError)
         if rule == "timeout":
-            t = int(runTimeout) if float(runTimeout).is_integer() else runTimeout
-            vm.driver_data["feedback"] = f"Autodriver: Job timed out after {t} seconds\n"
+            vm.driver_data["feedback"] = (
+                f"Autodriver: Job timed out after {format_seconds(runTimeout)} seconds\n"
+            )
             return EXIT_TIMEOUT
         if isinstance(rule, FaultRule):
             vm.driver_data["feedback"] = f"Autodriver: simulated status {rule.status}\n"
