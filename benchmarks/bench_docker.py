@@ -31,24 +31,16 @@ from typing import Any
 
 import aiodocker
 import anyio
-from common import run_and_report
+from common import latency_row, run_and_report
 
 from autodriver import SOURCE as AUTODRIVER
 from drivers.docker import DockerVMMS
 from vmpool import Manager, Outcome, Settings, make_job
-from vmpool.stats import percentile
 
 IMAGE = "vmpool/grader:latest"
 MAKEFILE = "all:\n\t@echo hello\n"
 
 
-def summary(name: str, lat: list[float]) -> dict[str, Any]:
-    return {
-        "mode": name,
-        "jobs": len(lat),
-        "p50_ms": round(percentile(lat, 50) * 1e3, 1),
-        "p99_ms": round(percentile(lat, 99) * 1e3, 1),
-    }
 
 
 async def warm(work: Path, n: int) -> list[float]:
@@ -181,10 +173,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         (work / "Makefile").write_text(MAKEFILE)
         bare_lat, true_lat = await bare(args.jobs)
         rows = [
-            summary("exec true (engine floor)", true_lat),
-            summary("bare: put + exec + get by hand", bare_lat),
-            summary("warm pool (vmpool)", await warm(work, args.jobs)),
-            summary("cold docker run --rm", await cold(work, args.jobs)),
+            latency_row("exec true (engine floor)", true_lat),
+            latency_row("bare: put + exec + get by hand", bare_lat),
+            latency_row("warm pool (vmpool)", await warm(work, args.jobs)),
+            latency_row("cold docker run --rm", await cold(work, args.jobs)),
         ]
         for r in rows:
             print(f"{r['mode']:<34} p50 {r['p50_ms']:>7.1f} ms  p99 {r['p99_ms']:>7.1f} ms",

@@ -18,28 +18,16 @@ place. Run as root (the local driver hands out uids).
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import anyio
-from common import run_and_report
+from common import latency_row, run_and_report
 
 from drivers.local import LocalVMMS
 from vmpool import Manager, Outcome, Settings, make_job
-from vmpool.stats import percentile
-
-
-def row(name: str, lat: list[float]) -> dict[str, object]:
-    return {
-        "mode": name,
-        "jobs": len(lat),
-        "p50_ms": round(percentile(lat, 50) * 1e3, 1),
-        "p99_ms": round(percentile(lat, 99) * 1e3, 1),
-        "mean_ms": round(statistics.fmean(lat) * 1e3, 1),
-    }
 
 
 async def through_pool(work: Path, jobs: int, size: int) -> list[float]:
@@ -101,11 +89,11 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, object]]:
             ("warm pool (size 2)", through_pool(work, args.jobs, 2)),
             ("cold (pool size 0)", through_pool(work, args.jobs, 0)),
         ):
-            r = row(name, await coro)
+            r = latency_row(name, await coro)
             rows.append(r)
             print(f"{name:<36} p50 {r['p50_ms']:>7.1f} ms  p99 {r['p99_ms']:>7.1f} ms  "
                   f"({r['jobs']} jobs)", flush=True)
-    bare_p50, warm_p50, cold_p50 = (float(r["p50_ms"]) for r in rows)  # type: ignore[arg-type]
+    bare_p50, warm_p50, cold_p50 = (float(r["p50_ms"]) for r in rows)
     print(f"warm / bare p50: {warm_p50 / bare_p50:.2f}x; cold / warm p50: "
           f"{cold_p50 / warm_p50:.2f}x")
     return rows
