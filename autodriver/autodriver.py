@@ -10,6 +10,7 @@ Command line (compatible with Tango's C autodriver)::
 
     autodriver [-u nproc] [-f fsize] [-t timeout] [-o osize]
                [--mem BYTES] [--cpu SECONDS] [--user NAME] [--output FILE]
+               [--env NAME=VALUE]... [--quota] [--no-seccomp]
                [--no-cleanup] [--no-cgroup] DIRECTORY
 
 0 means unlimited for every limit.  Exit codes: 0 the job finished (whatever
@@ -31,15 +32,24 @@ What it does, in order:
    stdout and stderr on one pipe, no other inherited file descriptor,
    RLIMIT_NPROC/FSIZE/CPU/CORE (and the memory limit, below) set,
    supplementary groups dropped and real, effective and saved uid/gid set to
-   the grading user before ``exec``.  ``HOME``, ``USER`` and ``LOGNAME`` name
-   the grading user; the rest of the environment is passed on (images set
-   e.g. ``JAVA_HOME`` there), except make's own ``MAKEFLAGS`` and friends.
+   the grading user before ``exec``, then ``PR_SET_NO_NEW_PRIVS`` and a
+   seccomp filter (no new namespaces, no kernel keyring, no file handles, no
+   mounts, bpf, userfaultfd, perf_event_open or io_uring; ``--no-seccomp``
+   leaves the filter out), ``oom_score_adj`` 1000 (the autodriver sets its
+   own to -1000: a job filling memory is killed, its output kept).  The
+   environment is built from scratch, never passed on: ``PATH`` (the
+   autodriver's), ``HOME``, ``USER`` and ``LOGNAME`` naming the grading user,
+   ``LANG``/``LC_ALL`` ``C.UTF-8``, ``TERM=dumb``, and what the image or pool
+   declares with ``--env NAME=VALUE`` (e.g. ``JAVA_HOME``).
 4. Reads the pipe in large chunks, keeping only the first osize/2 and a
    rolling last osize/2 bytes (the output is capped while it is produced,
    memory stays bounded, nothing is written to disk).
 5. When ``make`` exits, or the timeout expires, or the autodriver gets
-   SIGTERM/SIGINT/SIGHUP, kills every process of the job (see below), reads
-   what is left in the pipe, removes the grading user's files and prints the
+   SIGTERM/SIGINT/SIGHUP, kills every process of the job (see below), with
+   ``--quota`` says which of the job's file systems (job directory, /tmp,
+   /var/tmp, /dev/shm) it filled (``disk quota of N bytes exceeded``,
+   ``inode quota of N files exceeded``), removes the grading user's files,
+   reads what is left in the pipe and prints the
    feedback: status line(s) first, then the (capped) output.  Autolab reads
    the scores from the LAST line of the feedback, so all our lines come
    before the job's output, never after it.
@@ -131,6 +141,7 @@ SPOOL_MEMORY = 8 << 20  # unlimited output (-o 0): spill to an unlinked file pas
 KILL_SECONDS = 3.0  # how long to keep killing before giving up
 MAX_TREE_DEPTH = 512  # deepest directory level chown/cleanup descend to
 CLEAN_ROOTS = ("/tmp", "/var/tmp", "/dev/shm")
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 MAKE_VARS = ("MAKEFLAGS", "MFLAGS", "GNUMAKEFLAGS", "MAKELEVEL", "MAKEOVERRIDES")
 # Directories that are never acceptable as a job directory when running as
 # root: the job directory is chowned to the grading user and emptied.
@@ -331,6 +342,25 @@ def build_parser() -> argparse.ArgumentParser:
         "with the output so far, capped as the feedback is",
     )
     p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="add NAME=VALUE to the job's environment (repeatable); the job gets only "
+        "PATH, HOME, USER, LOGNAME, LANG, LC_ALL, TERM=dumb and these",
+    )
+    p.add_argument(
+        "--quota",
+        action="store_true",
+        help="the job directory, /tmp, /var/tmp and /dev/shm are the job's quota: "
+        "say so when one is full",
+    )
+    p.add_argument(
+        "--no-seccomp",
+        action="store_true",
+        help="do not install the seccomp filter (no_new_privs is set anyway)",
+    )
+    p.add_argument(
         "--no-cleanup",
         action="store_true",
         help="keep the grading user's files (processes are killed anyway)",
@@ -510,6 +540,114 @@ def set_child_subreaper() -> bool:
         libc = ctypes.CDLL(None, use_errno=True)
         return int(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
     except Exception:
+        return False
+
+
+# --------------------------------------------------------------------------
+# What the job may not ask of the kernel (a seccomp filter, installed in the
+# job's process after the switch to the grading user, with no_new_privs)
+#
+# Refused, as Docker's default profile does for an unprivileged container:
+# new namespaces (unshare, setns, clone with a CLONE_NEW* flag; clone3 answers
+# ENOSYS so that libc falls back to clone), the kernel keyring (keyctl,
+# add_key, request_key: keys outlive the job and its uid), file handles
+# (open_by_handle_at, name_to_handle_at), mounts, bpf, userfaultfd,
+# perf_event_open and io_uring.  Any other architecture's system calls (e.g.
+# i386 through int 0x80) are refused too: they would bypass the numbers below.
+
+PR_SET_NO_NEW_PRIVS = 38
+PR_SET_SECCOMP = 22
+SECCOMP_MODE_FILTER = 2
+_RET_ALLOW = 0x7FFF0000
+_RET_ERRNO = 0x00050000
+_CLONE_NEW_FLAGS = 0x7E020000  # NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET
+_X32_BIT = 0x40000000
+# machine -> (AUDIT_ARCH_*, clone, clone3, {syscall: errno})
+_EPERM, _ENOSYS = errno.EPERM, errno.ENOSYS
+_SYSCALLS = {
+    "x86_64": (0xC000003E, 56, 435, {
+        272: _EPERM, 308: _EPERM,  # unshare, setns
+        248: _EPERM, 249: _EPERM, 250: _EPERM,  # add_key, request_key, keyctl
+        303: _EPERM, 304: _EPERM,  # name_to_handle_at, open_by_handle_at
+        165: _EPERM, 166: _EPERM, 155: _EPERM,  # mount, umount2, pivot_root
+        321: _EPERM, 323: _EPERM, 298: _EPERM,  # bpf, userfaultfd, perf_event_open
+    }),
+    "aarch64": (0xC00000B7, 220, 435, {
+        97: _EPERM, 268: _EPERM,
+        217: _EPERM, 218: _EPERM, 219: _EPERM,
+        264: _EPERM, 265: _EPERM,
+        40: _EPERM, 39: _EPERM, 41: _EPERM,
+        280: _EPERM, 282: _EPERM, 241: _EPERM,
+    }),
+}
+# the same numbers on every architecture: io_uring_*, open_tree .. fspick, mount_setattr
+_COMMON = {425: _ENOSYS, 426: _ENOSYS, 427: _ENOSYS, 428: _EPERM, 429: _EPERM, 430: _EPERM,
+           431: _EPERM, 432: _EPERM, 433: _EPERM, 442: _EPERM}
+
+
+def seccomp_program(machine: str | None = None) -> bytes:
+    """The job's filter as classic BPF (``struct sock_filter[]``) for ``machine``."""
+    import struct
+
+    if machine is None:
+        machine = os.uname().machine
+    if machine not in _SYSCALLS:
+        raise OSFailure(
+            f"no seccomp filter for the {machine} architecture (run with --no-seccomp "
+            "to go without one)"
+        )
+    arch, clone, clone3, refused = _SYSCALLS[machine]
+    refused = dict(refused)
+    refused.update(_COMMON)
+    refused[clone3] = _ENOSYS
+    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
+    prog = [
+        (ld, 0, 0, 4),  # arch
+        (jeq, 1, 0, arch),
+        (ret, 0, 0, _RET_ERRNO | _ENOSYS),
+        (ld, 0, 0, 0),  # nr
+    ]
+    if machine == "x86_64":
+        prog += [(jge, 0, 1, _X32_BIT), (ret, 0, 0, _RET_ERRNO | _ENOSYS)]
+    for nr, err in sorted(refused.items()):
+        prog += [(jeq, 0, 1, nr), (ret, 0, 0, _RET_ERRNO | err)]
+    prog += [
+        (jeq, 0, 3, clone),
+        (ld, 0, 0, 16),  # the low half of clone's flags
+        (jset, 0, 1, _CLONE_NEW_FLAGS),
+        (ret, 0, 0, _RET_ERRNO | _EPERM),
+        (ret, 0, 0, _RET_ALLOW),
+    ]
+    return b"".join(struct.pack("HBBI", *insn) for insn in prog)
+
+
+def restrict_kernel(program: bytes | None) -> None:
+    """no_new_privs, then the filter (if any), for this process and its children."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                           ctypes.c_ulong]
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
+    if program is None:
+        return
+
+    class _Prog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    buf = ctypes.create_string_buffer(program, len(program))
+    prog = _Prog(len(program) // 8, ctypes.addressof(buf))
+    if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(prog), 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "installing the seccomp filter failed")
+
+
+def set_oom_score_adj(value: int) -> bool:
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(value))
+        return True
+    except OSError:
         return False
 
 
@@ -905,6 +1043,9 @@ class Autodriver:
                 chown_tree(self.directory, self.uid, self.gid, self.keep)
             except OSError as exc:
                 raise OSFailure(f"Error chowning directory {self.directory}: {exc}") from None
+        # The job, not the autodriver, is what the OOM killer takes when the
+        # job fills memory (tmpfs and memfd pages included): its output is kept.
+        set_oom_score_adj(-1000)
         if not self.opts.no_cgroup:
             self.cgroups = setup_cgroups(self.mem)
         self.subreaper = set_child_subreaper()
@@ -921,14 +1062,24 @@ class Autodriver:
             self.interrupted = signum
 
     def job_env(self) -> dict[str, str]:
-        env = dict(os.environ)
+        """A short, explicit environment: never the caller's (a server's keys and
+        credentials live there), only what the image or pool declares (--env)."""
+        env = {
+            "PATH": os.environ.get("PATH") or DEFAULT_PATH,
+            "LANG": "C.UTF-8",
+            "LC_ALL": "C.UTF-8",
+            "TERM": "dumb",
+        }
+        for item in self.opts.env:
+            name, _, value = item.partition("=")
+            if name and "\0" not in item:
+                env[name] = value
         for name in MAKE_VARS:  # a make calling us must not leak its jobserver etc.
             env.pop(name, None)
         env["PWD"] = self.directory
-        env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
-        if self.switch:
-            env["USER"] = env["LOGNAME"] = self.user
-            env["HOME"] = self.home if os.path.isdir(self.home) else self.directory
+        env["USER"] = env["LOGNAME"] = self.user
+        home = self.home if self.switch else os.environ.get("HOME", self.home)
+        env["HOME"] = home if home and os.path.isdir(home) else self.directory
         return env
 
     # -- the job ----------------------------------------------------------
@@ -936,6 +1087,7 @@ class Autodriver:
     def start(self) -> int:
         """Fork and exec make; return the read end of its output pipe."""
         env = self.job_env()
+        program = None if self.opts.no_seccomp else seccomp_program()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()  # close-on-exec: EOF means exec succeeded
         with contextlib.suppress(OSError):
@@ -945,7 +1097,7 @@ class Autodriver:
         except OSError as exc:
             raise OSFailure(f"Unable to fork: {exc}") from None
         if pid == 0:
-            self._child(out_w, err_w, env)
+            self._child(out_w, err_w, env, program)
         self.make_pid = pid
         os.close(out_w)
         os.close(err_w)
@@ -962,7 +1114,9 @@ class Autodriver:
             raise OSFailure(error.decode("utf-8", "replace"))
         return out_r
 
-    def _child(self, out_w: int, err_w: int, env: dict[str, str]) -> NoReturn:
+    def _child(
+        self, out_w: int, err_w: int, env: dict[str, str], program: bytes | None
+    ) -> NoReturn:
         step = "starting the job"
         try:
             signal.set_wakeup_fd(-1)
@@ -995,6 +1149,9 @@ class Autodriver:
                 limits.append((resource.RLIMIT_AS, self.mem, self.mem))
             for which, soft, hard in limits:
                 resource.setrlimit(which, (soft, hard))
+            # The job is the OOM killer's first choice, and cannot undo that
+            # (written with CAP_SYS_RESOURCE, the value is also its minimum).
+            set_oom_score_adj(1000)
             if self.switch:
                 step = "dropping privileges"
                 os.setgroups([])
@@ -1002,6 +1159,8 @@ class Autodriver:
                 os.setresuid(self.uid, self.uid, self.uid)
                 if os.getresuid() != (self.uid,) * 3 or os.getresgid() != (self.gid,) * 3:
                     raise OSError(errno.EPERM, "uid/gid did not change")
+            step = "restricting system calls"
+            restrict_kernel(program)
             step = "changing to the job directory"
             os.chdir(self.directory)
             step = "redirecting output"
@@ -1281,6 +1440,25 @@ class Autodriver:
             return False
         return True
 
+    def quota_lines(self) -> list[str]:
+        """A line for each quota file system the job filled (bytes or inodes)."""
+        lines: list[str] = []
+        seen: set[int] = set()
+        for path in (self.directory, *CLEAN_ROOTS):
+            try:
+                dev = os.stat(path).st_dev
+                st = os.statvfs(path)
+            except OSError:
+                continue
+            if dev in seen:
+                continue
+            seen.add(dev)
+            if st.f_blocks and st.f_bavail == 0:
+                lines.append(f"disk quota of {st.f_blocks * st.f_frsize} bytes exceeded")
+            if st.f_files and st.f_favail == 0:
+                lines.append(f"inode quota of {st.f_files} files exceeded")
+        return lines
+
     def cleanup_files(self) -> int:
         if not self.switch or self.opts.no_cleanup:
             return 0
@@ -1303,6 +1481,11 @@ class Autodriver:
             try:
                 self.monitor(out_r, capture)
                 killed_all = self.kill_job()
+                # Before anything else is read into memory: a job may have
+                # filled the memory cgroup with files (tmpfs pages stay after
+                # its processes die); removing them gives the memory back.
+                quota = self.quota_lines() if self.opts.quota else []
+                failed = self.cleanup_files() if killed_all else 0
                 self.drain_output(out_r, capture)
             finally:
                 os.close(out_r)
@@ -1312,11 +1495,9 @@ class Autodriver:
                 for path in (self.opts.partial, self.opts.partial + ".tmp"):
                     with contextlib.suppress(OSError):
                         os.unlink(path)
-            lines = self.status_lines(capture, killed_all)
-            if killed_all:
-                failed = self.cleanup_files()
-                if failed:
-                    lines.append(f"could not remove {failed} files of the grading user")
+            lines = self.status_lines(capture, killed_all) + quota
+            if failed:
+                lines.append(f"could not remove {failed} files of the grading user")
             delivered = self.write_feedback(lines, capture)
         finally:
             capture.close()
@@ -1353,7 +1534,8 @@ _VALUED: dict[str, tuple[str, Callable[[str], Any]]] = {
     "--mem": ("mem", parse_size), "--cpu": ("cpu", parse_count),
     "--user": ("user", str), "--output": ("output", str), "--partial": ("partial", str),
 }
-_SWITCHES = {"--no-cleanup": "no_cleanup", "--no-cgroup": "no_cgroup"}
+_SWITCHES = {"--no-cleanup": "no_cleanup", "--no-cgroup": "no_cgroup", "--quota": "quota",
+             "--no-seccomp": "no_seccomp"}
 
 
 def quick_parse(argv: list[str]) -> Any:
@@ -1364,7 +1546,8 @@ def quick_parse(argv: list[str]) -> Any:
     values: dict[str, Any] = {
         "nproc": 0, "fsize": 0, "timeout": 0.0, "osize": 0, "mem": 0, "cpu": 0,
         "user": DEFAULT_USER, "output": None, "partial": None,
-        "no_cleanup": False, "no_cgroup": False,
+        "no_cleanup": False, "no_cgroup": False, "quota": False, "no_seccomp": False,
+        "env": [],
     }
     positional: list[str] = []
     i = 0
@@ -1378,7 +1561,7 @@ def quick_parse(argv: list[str]) -> Any:
             if arg.startswith("--") and "=" in arg:
                 name, value = arg.split("=", 1)
                 i += 1
-            elif arg in _VALUED:
+            elif arg in _VALUED or arg == "--env":
                 if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
                     return None
                 name, value = arg, argv[i + 1]
@@ -1391,6 +1574,11 @@ def quick_parse(argv: list[str]) -> Any:
             else:
                 positional.append(arg)
                 i += 1
+                continue
+            if name == "--env":
+                if "=" not in value:
+                    return None
+                values["env"].append(value)
                 continue
             if name not in _VALUED:
                 return None

@@ -60,7 +60,7 @@ async def bare(work: Path, jobs: int) -> list[float]:
     vm = TangoMachine(name="default", image="default", id=1)
     await drv.initializeVM(vm)
     await drv.waitVM(vm, 30)
-    job = Path(vm.driver_data["dir"]) / "job"
+    job = Path(vm.driver_data["job"])
     argv = [drv.python, "/run/vmpool/autodriver.py", "-u", "100", "-f", "104857600", "-t", "60",
             "-o", "1024000", "--user", "autograde", "--output", "/run/vmpool/out/feedback",
             "--no-cgroup", "/home/autograde/autolab"]

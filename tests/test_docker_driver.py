@@ -322,9 +322,11 @@ async def test_jobs_through_a_warm_pool_give_tangos_output(dock: Dock) -> None:
     ]
     # a failing make is the job's result: the autodriver returned normally
     assert identity.result is not None and identity.result.exit_status == 0
+    assert identity.vm is not None
+    uid = identity.vm.driver_data["uid"]  # the container's own (tests/test_docker_sandbox.py)
     assert check_output(identity, "Success: Autodriver returned normally", []) == [
         "Autodriver: Job exited with status 2",
-        "1000",
+        str(uid),
         "autograde",
         "/home/autograde/autolab",
         "CapEff:\t0000000000000000",
@@ -404,7 +406,10 @@ async def test_fork_bomb_is_contained(dock: Dock, nproc: int, pids_limit: int) -
 # container's OOM killer (which the autodriver cannot see) kills one.
 
 # Forty processes of 3 MiB: each far smaller than the autodriver (a Python
-# process of ~15 MB), so the container's OOM killer picks the autodriver.
+# process of ~15 MB), so the container's OOM killer would pick the autodriver
+# (and the job's output would be lost) but for oom_score_adj: the job's
+# processes are +1000 (the autodriver's own is -1000 where the engine allows
+# it), so they are the ones killed, the autodriver survives and says so.
 SMALL_HOGS_C = r"""
 #include <stdio.h>
 #include <stdlib.h>
@@ -419,11 +424,14 @@ int main(void) {
             volatile char *p = malloc(n);
             for (size_t j = 0; p && j < n; j += 4096)
                 p[j] = 1;
-            pause();
+            sleep(3);  /* ok-sleep: holding the memory while the others allocate */
             _exit(0);
         }
     }
-    while (wait(NULL) > 0) {}
+    int status, killed = 0;
+    while (wait(&status) > 0)
+        killed += WIFSIGNALED(status) && WTERMSIG(status) == 9;
+    printf("children killed by signal 9: %s\n", killed ? "some" : "none");
     return 0;
 }
 """
@@ -432,20 +440,21 @@ MEM_LINE = f"Autodriver: memory limit of {64 * MIB} bytes exceeded"
 
 
 @pytest.mark.parametrize(
-    ("recipe", "files", "says"),
+    ("recipe", "files", "status", "says"),
     [
-        (["@python3 bomb.py"], {"bomb.py": MEMORY_BOMB_PY}, "MemoryError"),
-        (["@python3 bomb.py"], {"bomb.py": CGROUP_BOMB_PY}, "a child was killed by signal 9"),
-        (["@gcc -O2 -o hogs hogs.c", "@./hogs"], {"hogs.c": SMALL_HOGS_C}, None),
+        (["@python3 bomb.py"], {"bomb.py": MEMORY_BOMB_PY}, 2, "MemoryError"),
+        (["@python3 bomb.py"], {"bomb.py": CGROUP_BOMB_PY}, 2, "a child was killed by signal 9"),
+        (["@gcc -O2 -o hogs hogs.c", "@./hogs"], {"hogs.c": SMALL_HOGS_C}, 0,
+         "children killed by signal 9: some"),
     ],
     ids=[
         "one-process-rlimit",
         "container-oom-kills-a-job-process",
-        "container-oom-kills-the-autodriver",
+        "container-oom-spares-the-autodriver",
     ],
 )
 async def test_memory_bomb_is_killed_and_reported(
-    dock: Dock, recipe: list[str], files: dict[str, str], says: str | None
+    dock: Dock, recipe: list[str], files: dict[str, str], status: int, says: str
 ) -> None:
     drv = dock.driver()
     async with Manager(dock.settings(), drivers={"docker": drv}) as mgr:
@@ -460,26 +469,17 @@ async def test_memory_bomb_is_killed_and_reported(
     assert r.retries == 0 and r.failures == []
     assert h.vm is not None and h.vm.memory == 64 and h.vm.instance_id == vm.instance_id
     assert r.finished_at - r.submitted_at < 15
-    if says is not None:
-        # the autodriver survived and says so (for the container's OOM kill,
-        # the driver added the line: the autodriver cannot see that cgroup)
-        assert r.outcome is Outcome.SUCCESS and r.exit_status == 0
-        out = check_output(
-            h,
-            "Success: Autodriver returned normally",
-            ["Autodriver: Job exited with status 2", MEM_LINE],
-        )
-        assert says in out, out
-        assert out.count(MEM_LINE) == 1
-    else:
-        # the kernel killed the autodriver itself: not retried as a broken
-        # VM, and the output says why
-        assert r.outcome is Outcome.ERROR and r.exit_status == 137
-        assert check_output(h, "Error: Unknown autodriver error (status=137)", []) == [
-            MEM_LINE,
-            "Autodriver: the container ran out of memory and the autodriver was killed "
-            "(exit 137); the job's output is lost",
-        ]
+    # the autodriver survived and says so (for the container's OOM kill, the
+    # driver added the line: the autodriver cannot see that cgroup), with
+    # the job's output
+    assert r.outcome is Outcome.SUCCESS and r.exit_status == 0
+    out = check_output(
+        h,
+        "Success: Autodriver returned normally",
+        [f"Autodriver: Job exited with status {status}", MEM_LINE],
+    )
+    assert says in out, out
+    assert out.count(MEM_LINE) == 1
 
 
 # --------------------------------------------------------------------------
@@ -830,8 +830,10 @@ async def test_unknown_image_is_refused_at_submit(dock: Dock) -> None:
 IMAGE_AUTODRIVER = """\
 #!/bin/sh
 # what a Tango grading image has: an autodriver of its own
-export AUTODRIVER="image's own" AUTODRIVER_ARGS="$*"
-exec python3 /usr/lib/tango/autodriver.py "$@"
+# (vmpool's autodriver gives the job a fresh environment: the two variables
+# that show which autodriver ran are passed explicitly)
+exec python3 /usr/lib/tango/autodriver.py --env "AUTODRIVER=image's own" \
+    --env "AUTODRIVER_ARGS=$*" "$@"
 """
 
 

@@ -34,6 +34,7 @@ import pytest
 
 from drivers.local import LocalVMMS
 from drivers.local.driver import BubblewrapMissing
+from drivers.local.sandbox import Layout, detach, remove_netns
 from vmpool import (
     InitializeVMError,
     InputFile,
@@ -131,9 +132,11 @@ def check_output(h: JobHandle, closing: str, autodriver: list[str]) -> list[str]
 
 BEACON_PY = """\
 import socket, sys
-port, token = int(sys.argv[1]), sys.argv[2]
+path, token = sys.argv[1], sys.argv[2]
 try:
-    s = socket.create_connection(("127.0.0.1", port), timeout=2)
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(2)
+    s.connect(path)
 except OSError as e:
     print("failed:", e.strerror or e, flush=True)
     sys.exit(0)
@@ -145,15 +148,21 @@ if sys.argv[3:] == ["hold"]:
 """
 
 
+# Jobs reach no listener of the host's network (that is a wall under test),
+# so they report over a unix socket in a directory every test driver binds
+# into its sandboxes read-only (``extra_ro_paths``).
+BEACON_ROOT = Path("/var/lib/vmpool-test-beacons")
+
+
 class Beacon:
-    """A TCP listener on 127.0.0.1 that jobs report to: ``beacon.py PORT TOKEN [hold]``.
+    """A unix socket listener that jobs report to: ``beacon.py PATH TOKEN [hold]``.
 
     Each connection sends one token line; with ``hold`` the job then waits
     until the test calls :meth:`release` (or the job is killed).
     """
 
-    def __init__(self, port: int) -> None:
-        self.port = port
+    def __init__(self, path: str) -> None:
+        self.port = path  # what a job passes to beacon.py
         self.connections = 0
         self.tokens: list[str] = []
         self._seen: defaultdict[str, anyio.Event] = defaultdict(anyio.Event)
@@ -194,14 +203,22 @@ class Beacon:
 
 @contextlib.asynccontextmanager
 async def beacon() -> AsyncIterator[Beacon]:
-    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
-    b = Beacon(listener.extra(anyio.abc.SocketAttribute.local_port))
-    async with listener, anyio.create_task_group() as tg:
-        tg.start_soon(listener.serve, b.handle)
-        try:
-            yield b
-        finally:
-            tg.cancel_scope.cancel()
+    BEACON_ROOT.mkdir(mode=0o755, exist_ok=True)
+    d = Path(tempfile.mkdtemp(dir=BEACON_ROOT))
+    os.chmod(d, 0o755)
+    path = d / "sock"
+    listener = await anyio.create_unix_listener(path)
+    os.chmod(path, 0o777)
+    b = Beacon(str(path))
+    try:
+        async with listener, anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve, b.handle)
+            try:
+                yield b
+            finally:
+                tg.cancel_scope.cancel()
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 class Local:
@@ -218,6 +235,7 @@ class Local:
 
     def driver(self, **kw: Any) -> TimedLocal:
         kw.setdefault("state_dir", str(self.state))
+        kw.setdefault("extra_ro_paths", [str(BEACON_ROOT)])
         return TimedLocal(owner=self.owner, uid_base=self.uid_base, uid_count=UIDS, **kw)
 
     def settings(self, **kw: Any) -> Settings:
@@ -556,41 +574,85 @@ async def test_file_size_limit(local: Local) -> None:
 # 9. network
 
 
-async def test_disable_network(local: Local) -> None:
+NET_PROBE_PY = """\\
+import socket, subprocess, sys
+p4, p6 = int(sys.argv[1]), int(sys.argv[2])
+for family, host, port in ((socket.AF_INET, "127.0.0.1", p4), (socket.AF_INET6, "::1", p6)):
+    s = socket.socket(family)
+    s.settimeout(2)
+    try:
+        s.connect((host, port))
+        print("host", host, "reached")
+    except OSError as e:
+        print("host", host, "not reached")
+    s.close()
+# a listener in the job's own namespace works
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen(1)
+c = socket.create_connection(srv.getsockname(), timeout=2)
+a, _ = srv.accept()
+c.sendall(b"x")
+print("own listener", a.recv(1).decode())
+links = sorted(l.split(":")[0].strip() for l in open("/proc/net/dev").readlines()[2:])
+print("links", " ".join(links))
+# the route to cloud metadata (no packet is sent to find it)
+r = subprocess.run(["ip", "route", "get", "169.254.169.254"], capture_output=True, text=True)
+print("metadata route", "unreachable" if r.returncode or "unreachable" in r.stdout else "open")
+"""
+
+
+@contextlib.asynccontextmanager
+async def host_listeners() -> AsyncIterator[tuple[int, int, list[str]]]:
+    """TCP listeners on the host's 127.0.0.1 and ::1; yields their ports and
+    a list that every connection is noted in."""
+    seen: list[str] = []
+
+    async def note(stream: anyio.abc.SocketStream) -> None:
+        seen.append(str(stream.extra(anyio.abc.SocketAttribute.remote_address)))
+        await stream.aclose()
+
+    l4 = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    l6 = await anyio.create_tcp_listener(local_host="::1", local_port=0)
+    p4 = l4.extra(anyio.abc.SocketAttribute.local_port)
+    p6 = l6.extra(anyio.abc.SocketAttribute.local_port)
+    async with l4, l6, anyio.create_task_group() as tg:
+        tg.start_soon(l4.serve, note)
+        tg.start_soon(l6.serve, note)
+        try:
+            yield p4, p6, seen
+        finally:
+            tg.cancel_scope.cancel()
+
+
+async def test_network_never_reaches_the_host(local: Local) -> None:
+    """Network off: a namespace with only lo. Network on: the VM's own
+    namespace (pasta's interface for outbound access), where the host's
+    loopback is not reachable and link-local (cloud metadata) is unreachable;
+    a listener of the job's own works either way."""
     drv = local.driver()
-    async with beacon() as b, Manager(local.settings(), drivers={"local": drv}) as mgr:
-        files = {"beacon.py": BEACON_PY}
-        off = local.job(
-            "net-off",
-            [f"@python3 beacon.py {b.port} net-off"],
-            files,
-            timeout=10,
-            disable_network=True,
-        )
-        h_off = await mgr.submit(off)
-        r_off = await finish(h_off)
-        on = local.job(
-            "net-on",
-            [f"@python3 beacon.py {b.port} net-on"],
-            files,
-            timeout=10,
-            disable_network=False,
-        )
-        h_on = await mgr.submit(on)
-        r_on = await finish(h_on)
-        await b.wait("net-on")
-    assert r_off.outcome is r_on.outcome is Outcome.SUCCESS
-    out = check_output(
-        h_off, "Success: Autodriver returned normally", ["Autodriver: Job exited with status 0"]
-    )
-    assert out[1:] in (["failed: Connection refused"], ["failed: Network is unreachable"]), out
-    check_output(
-        h_on,
-        "Success: Autodriver returned normally",
-        ["Autodriver: Job exited with status 0", "connected"],
-    )
-    # the listener saw the second job only
-    assert b.tokens == ["net-on"] and b.connections == 1
+    assert drv.network == "pasta"
+    async with host_listeners() as (p4, p6, seen), Manager(
+        local.settings(pool_size=1), drivers={"local": drv}
+    ) as mgr:
+        results = {}
+        for net_off in (True, False):
+            job = local.job(f"net-{'off' if net_off else 'on'}",
+                            [f"@python3 probe.py {p4} {p6}"], {"probe.py": NET_PROBE_PY},
+                            timeout=20, disable_network=net_off)
+            h = await mgr.submit(job)
+            r = await finish(h)
+            assert r.outcome is Outcome.SUCCESS, read_lines(h)
+            results[net_off] = check_output(
+                h, "Success: Autodriver returned normally", ["Autodriver: Job exited with status 0"]
+            )[1:]
+    assert seen == [], f"the host's listeners were reached: {seen}"
+    common = ["host 127.0.0.1 not reached", "host ::1 not reached", "own listener x"]
+    assert results[True] == [*common, "links lo", "metadata route unreachable"], results[True]
+    on = results[False]
+    assert on[:3] == common and on[4] == "metadata route unreachable", on
+    links = on[3].split()[1:]
+    assert "lo" in links and len(links) == 2, on  # lo and pasta's interface
 
 
 # --------------------------------------------------------------------------
@@ -616,13 +678,13 @@ async def test_a_job_cannot_see_another_running_job(local: Local) -> None:
         await b.wait("a-ready")  # A runs, its secret in its job directory
         assert h_a.vm is not None
         a_dir = Path(h_a.vm.driver_data["dir"])
-        assert (a_dir / "job" / "secret.txt").read_text() == "42-answer\n"
+        assert (a_dir / "fs" / "job" / "secret.txt").read_text() == "42-answer\n"
         b_job = local.job(
             "job-b",
             [
                 f"-ls {local.state}",
                 f"-ls {a_dir}",
-                f"-cat {a_dir}/job/secret.txt",
+                f"-cat {a_dir}/fs/job/secret.txt",
                 "@ls /home",
                 "@ls -A /home/autograde/autolab",
                 "@cat /proc/[0-9]*/cmdline | tr '\\0' ' '; echo",
@@ -633,7 +695,7 @@ async def test_a_job_cannot_see_another_running_job(local: Local) -> None:
         h_b = await mgr.submit(b_job)
         r_b = await finish(h_b)
         assert not h_a.done()  # A was running all along
-        assert (a_dir / "job" / "secret.txt").exists()
+        assert (a_dir / "fs" / "job" / "secret.txt").exists()
         b.release("a-ready")
         r_a = await finish(h_a)
     assert r_a.outcome is r_b.outcome is Outcome.SUCCESS
@@ -648,7 +710,7 @@ async def test_a_job_cannot_see_another_running_job(local: Local) -> None:
     text = "\n".join(out)
     assert f"ls: cannot access '{local.state}': No such file or directory" in out
     assert f"ls: cannot access '{a_dir}': No such file or directory" in out
-    assert f"cat: {a_dir}/job/secret.txt: No such file or directory" in out
+    assert f"cat: {a_dir}/fs/job/secret.txt: No such file or directory" in out
     assert "autograde" in out  # ls /home: the sandbox's own home only
     assert "secret.txt" not in out
     assert "42-answer" not in text and "a-ready" not in text and "beacon.py" not in text
@@ -686,7 +748,7 @@ async def test_dest_file_with_dotdot_is_refused(local: Local) -> None:
         for dest in ("../../etc/x", "../etc/passwd", "/etc/x", "a/../../x"):
             with pytest.raises(UnsafePathError, match="destFile"):
                 await drv.copyIn(vm, [InputFile(str(src), dest)])
-        assert list((sandbox / "job").iterdir()) == []
+        assert list(Path(vm.driver_data["job"]).iterdir()) == []
         assert not (owner_dir / "etc").exists() and not (sandbox / "x").exists()
         assert (sandbox / "etc" / "passwd").read_text() == passwd
         assert not Path("/etc/x").exists()
@@ -821,7 +883,7 @@ async def test_without_bubblewrap(
         r = await finish(h)
         assert h.vm is not None
         uid = h.vm.driver_data["uid"]
-        job_dir = Path(h.vm.driver_data["dir"]) / "job"
+        job_dir = Path(h.vm.driver_data["job"])
     assert r.outcome is Outcome.SUCCESS and r.retries == 0
     assert check_output(h, "Success: Autodriver returned normally", []) == [
         "Autodriver: Job exited with status 0",
@@ -866,7 +928,10 @@ async def test_stale_uid_claims_of_this_owner_are_released(local: Local) -> None
     uid = vm.driver_data["uid"]
     claim = drv.uid_dir / str(uid)
     # a crash between removing the sandbox and releasing its uid
-    shutil.rmtree(vm.driver_data["dir"])
+    sandbox_dir = Layout(Path(vm.driver_data["dir"]))
+    remove_netns(sandbox_dir)
+    detach(sandbox_dir.fs)
+    shutil.rmtree(sandbox_dir.d)
     # another owner's claim for a sandbox we know nothing of stays
     other = drv.uid_dir / str(local.uid_base + UIDS - 1)
     other.mkdir()
@@ -886,7 +951,7 @@ async def test_copy_in_never_follows_a_planted_link(local: Local, tmp_path: Path
     vm = TangoMachine(name=IMAGE, image=IMAGE, id=1)
     await drv.initializeVM(vm)
     try:
-        job = Path(vm.driver_data["dir"]) / "job"
+        job = Path(vm.driver_data["job"])
         outside = tmp_path / "outside"
         outside.mkdir()
         # what a previous job on a reused sandbox could have left

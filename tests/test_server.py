@@ -436,7 +436,7 @@ async def test_partial_output_of_a_running_job(tmp_path: Path) -> None:
         assert body == {"statusId": -1, "statusMsg": "Output file not found"}
         # release it: the job dir is the sandbox's; the grader's file is created there
         state = tmp_path / "state" / "test-partial"
-        (job_dir,) = [d / "job" for d in state.iterdir()]
+        (job_dir,) = [d / "fs" / "job" for d in state.iterdir()]
         (job_dir / "release").write_text("")
         out = (await wait_output(s, "lab", "hello.out")).decode().splitlines()
         assert out[-3:] == ["Autodriver: Job exited with status 0", "first line", "last line"]

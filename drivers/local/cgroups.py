@@ -1,4 +1,9 @@
-"""Per-sandbox cgroups: v2 (unified) or the v1 ``pids`` and ``memory`` hierarchies."""
+"""Per-sandbox cgroups: v2 (unified) or the v1 ``pids``, ``memory`` and ``cpu`` hierarchies.
+
+pids and memory are required; cpu is used when it can be (each sandbox then
+gets an equal CPU share whatever its number of processes, and a quota when
+its spec names cores).
+"""
 
 from __future__ import annotations
 
@@ -20,6 +25,12 @@ class CgroupSupport:
     #: controller name -> parent directory ("" for v2: one directory)
     parents: dict[str, Path]
 
+    @property
+    def cpu(self) -> bool:
+        return "cpu" in self.parents or (self.version == 2 and self.cpu_v2)
+
+    cpu_v2: bool = False
+
     def for_name(self, name: str) -> CgroupSet:
         return CgroupSet(self, {k: p / name for k, p in self.parents.items()})
 
@@ -32,7 +43,7 @@ def _writable_dir(p: Path) -> bool:
 
 
 def cgroup_support(root: Path = ROOT) -> CgroupSupport | None:
-    """Find a writable cgroup file system with pids and memory, or None."""
+    """Find a writable cgroup file system with pids and memory (and cpu), or None."""
     controllers = root / "cgroup.controllers"
     if controllers.exists():
         have = controllers.read_text().split()
@@ -40,22 +51,34 @@ def cgroup_support(root: Path = ROOT) -> CgroupSupport | None:
             parent = root / "vmpool"
             try:
                 parent.mkdir(exist_ok=True)
-                # let the children of our parent use both controllers
+                # let the children of our parent use the controllers
                 (root / "cgroup.subtree_control").write_text("+pids +memory")
                 (parent / "cgroup.subtree_control").write_text("+pids +memory")
             except OSError:
                 return None
-            return CgroupSupport(2, {"": parent})
+            cpu = False
+            if "cpu" in have:
+                try:
+                    (root / "cgroup.subtree_control").write_text("+cpu")
+                    (parent / "cgroup.subtree_control").write_text("+cpu")
+                    cpu = True
+                except OSError:
+                    pass
+            return CgroupSupport(2, {"": parent}, cpu_v2=cpu)
         return None
     parents = {}
-    for ctrl in ("pids", "memory"):
+    for ctrl in ("pids", "memory", "cpu"):
         base = root / ctrl
         if not _writable_dir(base):
+            if ctrl == "cpu":
+                continue
             return None
         parent = base / "vmpool"
         try:
             parent.mkdir(exist_ok=True)
         except OSError:
+            if ctrl == "cpu":
+                continue
             return None
         parents[ctrl] = parent
     return CgroupSupport(1, parents)
@@ -69,15 +92,27 @@ class CgroupSet:
     def exists(self) -> bool:
         return all(d.is_dir() for d in self.dirs.values())
 
-    def create(self, *, memory_bytes: int, pids_max: int) -> None:
+    def create(self, *, memory_bytes: int, pids_max: int, cores: float | None = None) -> None:
+        """Make the cgroup(s) with these limits; ``cores`` caps the CPU time
+        (a quota of that many CPUs); every sandbox has the same CPU share."""
         for d in self.dirs.values():
             d.mkdir(exist_ok=True)
+        period = 100_000
+        quota = int(cores * period) if cores else None
         if self.support.version == 2:
             d = self.dirs[""]
             _write(d / "pids.max", str(pids_max))
             _write(d / "memory.max", str(memory_bytes))
             _write(d / "memory.swap.max", "0", optional=True)
+            if self.support.cpu_v2:
+                _write(d / "cpu.weight", "100")
+                _write(d / "cpu.max", f"{quota if quota else 'max'} {period}")
         else:
+            if "cpu" in self.dirs:
+                cpu = self.dirs["cpu"]
+                _write(cpu / "cpu.shares", "1024")
+                _write(cpu / "cpu.cfs_period_us", str(period))
+                _write(cpu / "cpu.cfs_quota_us", str(quota if quota else -1))
             _write(self.dirs["pids"] / "pids.max", str(pids_max))
             mem = self.dirs["memory"]
             _write(mem / "memory.limit_in_bytes", str(memory_bytes))

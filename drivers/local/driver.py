@@ -2,35 +2,43 @@
 
 Each VM is
 
-- a directory ``<state_dir>/<owner>/<instance>/`` holding the job directory
-  (``job/``, mode 0700, owned by the VM's uid), a root-only ``out/`` for the
-  feedback file, the sandbox's ``passwd``/``group`` files, a copy of the
-  autodriver, and ``vm.json`` (so that ``getVMs`` finds sandboxes left by a
-  crashed process);
+- a directory ``<state_dir>/<owner>/<instance>/`` holding ``fs/``, a tmpfs
+  with the VM's disk and inode quota (the job directory ``fs/job``, mode
+  0700, owned by the VM's uid, and the sandbox's /tmp, /var/tmp and
+  /dev/shm), a root-only ``out/`` for the feedback file, the sandbox's
+  ``passwd``/``group`` files, a copy of the autodriver, the VM's network
+  namespace (``netns``, with its pasta), and ``vm.json`` (so that
+  ``getVMs`` finds sandboxes left by a crashed process);
 - a dedicated unprivileged uid from ``uid_base`` .. ``uid_base+uid_count-1``,
-  claimed by an atomic ``mkdir`` under ``/run/vmpool/uids/`` so that several
-  managers on one host never share one;
-- a cgroup (v2, or the v1 ``pids`` and ``memory`` hierarchies) with a pids
-  and a memory limit, when the cgroup file system is writable.
+  claimed host-wide (:class:`drivers.policy.UidRegistry`) so that several
+  managers and drivers on one host never share one;
+- a cgroup (v2, or the v1 ``pids``, ``memory`` and ``cpu`` hierarchies)
+  with a pids and a memory limit and an equal CPU share, when the cgroup
+  file system is writable.
 
-runJob starts the autodriver inside bubblewrap: new pid, ipc, uts and (with
-``disableNetwork``) network namespaces, the host file system read-only, a
-private /tmp, /var/tmp, /dev/shm and /home, the state directory hidden, the
-job directory at ``/home/autograde/autolab``. The autodriver runs as root
-inside with only the capabilities it needs to switch to the VM's uid, kill
-the job's processes and clean up; the job runs as ``autograde`` (the VM's
-uid). Everything in the pid namespace dies with the sandbox.
+runJob starts the autodriver inside bubblewrap, with the policy of
+:mod:`drivers.local.sandbox`: the image's system directories only, the
+server's paths covered, a short environment, new pid, ipc, uts and network
+namespaces. The autodriver runs as root inside with only the capabilities
+it needs to switch to the VM's uid, kill the job's processes and clean up;
+the job runs as ``autograde`` (the VM's uid) with no capability, no new
+privileges and a seccomp filter. Everything in the pid namespace dies with
+the sandbox; destroying the VM unmounts its tmpfs (whatever the job left
+there is gone at once, at any depth).
 
 Without bubblewrap the driver refuses to start and names the package, unless
 ``sandbox="rlimits"`` is asked for explicitly: the autodriver then runs on
-the host as root and drops to the VM's uid, with rlimits and the cgroup as
-the only fences (no namespaces: the network is not isolated).
+the host as root and drops to the VM's uid, with rlimits, the cgroup, the
+quota tmpfs for its job directory, no_new_privs and the seccomp filter as
+the only fences (no namespaces: the network and the host's files are not
+isolated).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -38,7 +46,8 @@ import signal
 import stat
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -48,6 +57,15 @@ import anyio.to_thread
 
 from autodriver import COMPILE_PY
 from autodriver import SOURCE as AUTODRIVER
+from drivers.policy import (
+    DEFAULT_DISK_QUOTA,
+    DEFAULT_INODE_QUOTA,
+    SANDBOX_ENV,
+    UID_DIR,
+    UidRegistry,
+    env_args,
+    pids_of_uid,
+)
 from vmpool.config import KIB, MIB
 from vmpool.errors import (
     CopyInError,
@@ -61,15 +79,31 @@ from vmpool.models import InputFile, TangoMachine
 from vmpool.vmms import VMMS, add_memory_line, check_input_files, format_seconds, safe_name
 
 from .cgroups import CgroupSet, cgroup_support
-
-JOB_DIR_IN_SANDBOX = "/home/autograde/autolab"
-OUT_DIR_IN_SANDBOX = "/run/vmpool/out"
-AUTODRIVER_IN_SANDBOX = "/run/vmpool/autodriver.py"
-# What the autodriver needs as root inside the sandbox, and nothing else.
-SANDBOX_CAPS = (
-    "CAP_SETUID", "CAP_SETGID", "CAP_CHOWN", "CAP_FOWNER", "CAP_KILL",
-    "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH",
+from .sandbox import (
+    AUTODRIVER as AUTODRIVER_IN_SANDBOX,
 )
+from .sandbox import (
+    JOB_DIR as JOB_DIR_IN_SANDBOX,
+)
+from .sandbox import (
+    OUT_DIR as OUT_DIR_IN_SANDBOX,
+)
+from .sandbox import (
+    JobNet,
+    Layout,
+    Network,
+    bwrap_command,
+    create_netns,
+    detach,
+    is_mount,
+    mount_quota,
+    pasta_binary,
+    remove_netns,
+    remove_tree,
+)
+
+log = logging.getLogger("vmpool.local")
+
 Sandbox = Literal["bwrap", "rlimits"]
 
 
@@ -99,9 +133,16 @@ class LocalVMMS(VMMS):
         nproc: int = 100,
         fsize: int = 100 * MIB,
         cpu_seconds: int = 0,
+        disk_quota: int = DEFAULT_DISK_QUOTA,
+        inode_quota: int = DEFAULT_INODE_QUOTA,
+        network: Network | Literal["auto"] = "auto",
+        hidden_paths: Sequence[str] = (),
+        extra_ro_paths: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        seccomp: bool = True,
         python: str | None = None,
         use_cgroups: bool = True,
-        uid_dir: str = "/run/vmpool/uids",
+        uid_dir: str = UID_DIR,
     ) -> None:
         super().__init__(owner=owner, prefix=prefix)
         if sandbox not in ("bwrap", "rlimits"):
@@ -118,12 +159,31 @@ class LocalVMMS(VMMS):
                 "apt-get install bubblewrap (or ask for the degraded mode explicitly with "
                 "driver option sandbox='rlimits': no namespaces, rlimits and uids only)"
             )
-        if uid_base < 1000 or uid_count < 1:
+        if disk_quota < 0 or inode_quota < 0:
             raise ValueError(
-                f"need uid_base >= 1000 and uid_count >= 1, got {uid_base}, {uid_count}"
+                f"disk_quota and inode_quota must be >= 0 (0: none), got {disk_quota}, "
+                f"{inode_quota}"
             )
+        if network not in ("auto", "pasta", "none", "host-unsafe"):
+            raise ValueError(
+                f"network must be 'auto', 'pasta', 'none' or 'host-unsafe', got {network!r}"
+            )
+        self.pasta = pasta_binary()
+        if network == "auto":
+            network = "pasta" if self.pasta else "none"
+            if network == "none":
+                log.warning("pasta is not installed (apt-get install passt): jobs that allow "
+                            "the network get only a loopback of their own")
+        elif network == "pasta" and self.pasta is None:
+            raise InitializeVMError(
+                "network='pasta' needs pasta, which is not installed: apt-get install passt"
+            )
+        if network == "host-unsafe":
+            log.warning("network='host-unsafe': jobs that allow the network share the host's "
+                        "network namespace and reach everything listening on it")
+        self.network: Network = network
         self.sandbox: Sandbox = sandbox
-        # absolute: the sandbox hides it by path, and bubblewrap binds from it
+        # absolute: the sandbox covers it by path, and bubblewrap binds from it
         self.state_dir = Path(state_dir or _default_state_dir()).absolute()
         # An image names a root file system; by default the host's own.
         self.images = dict(images) if images is not None else {
@@ -134,7 +194,11 @@ class LocalVMMS(VMMS):
                 raise ValueError(f"image {name!r}: root file system {root} is not a directory")
         # Claims are host-wide (whatever the state directory): two sandboxes
         # sharing a uid could kill each other's processes.
-        self.uid_dir = Path(uid_dir)
+        try:
+            self.uids = UidRegistry(uid_base, uid_count, uid_dir)
+        except ValueError as e:
+            raise ValueError(f"local driver: {e}") from None
+        self.uid_dir = self.uids.dir
         self.uid_base = uid_base
         self.uid_count = uid_count
         self.memory_mb = memory_mb
@@ -142,11 +206,22 @@ class LocalVMMS(VMMS):
         self.nproc = nproc
         self.fsize = fsize
         self.cpu_seconds = cpu_seconds
-        self.python = python or "python3"
+        self.disk_quota = disk_quota
+        self.inode_quota = inode_quota or DEFAULT_INODE_QUOTA
+        self.env = dict(env or {})
+        self.env_args = env_args(self.env)
+        self.seccomp = seccomp
+        # Paths no job may see even where a system directory is bound: the
+        # server's (courselabs, database, config), every driver's state.
+        self.hidden = [*hidden_paths, str(self.state_dir), str(self.uid_dir), UID_DIR]
+        self.extra_ro = [str(Path(p).absolute()) for p in extra_ro_paths]
+        # Debian's python3 in /usr/bin, which the sandbox shows; the host's
+        # PATH may name one under /root or /home, which it does not.
+        self.python = python or ("/usr/bin/python3" if Path("/usr/bin/python3").exists()
+                                 else "python3")
         self.cgroups = cgroup_support() if use_cgroups else None
         self._procs: dict[str, anyio.abc.Process] = {}
         self._owner_dir.mkdir(parents=True, exist_ok=True)
-        self.uid_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o711)
         os.chmod(self._owner_dir, 0o711)  # whatever the umask
         self._release_stale_claims()
@@ -159,7 +234,7 @@ class LocalVMMS(VMMS):
             if closed is not None:
                 raise InitializeVMError(
                     f"sandbox='rlimits' runs jobs on the host as their own uid in "
-                    f"{self._owner_dir}/<vm>/job, but {closed} is not searchable by other "
+                    f"{self._owner_dir}/<vm>/fs/job, but {closed} is not searchable by other "
                     "users: choose a state_dir outside it (or chmod o+x it)"
                 )
 
@@ -172,18 +247,8 @@ class LocalVMMS(VMMS):
     def _vm_dir(self, vm: TangoMachine) -> Path:
         return self._owner_dir / safe_name(self.instanceName(vm.id, vm.name))
 
-    def _claim_uid(self, instance: str) -> int:
-        for uid in range(self.uid_base, self.uid_base + self.uid_count):
-            claim = self.uid_dir / str(uid)
-            try:
-                claim.mkdir()
-            except FileExistsError:
-                continue
-            (claim / "owner").write_text(f"{self.owner}/{instance}\n")
-            return uid
-        raise InitializeVMError(
-            f"all {self.uid_count} sandbox uids from {self.uid_base} are in use"
-        )
+    def _holder(self, instance: str) -> str:
+        return f"{self.owner}/{instance}"
 
     def _compile_autodriver(self) -> bytes | None:
         """The autodriver compiled by the sandboxes' Python (the host's: images
@@ -202,19 +267,14 @@ class LocalVMMS(VMMS):
 
     def _release_stale_claims(self) -> None:
         """Release uids this owner claimed for sandboxes that no longer exist
-        (a crash between claiming and recording, or removing and releasing)."""
-        for claim in self.uid_dir.iterdir():
-            try:
-                owner, _, instance = (claim / "owner").read_text().strip().partition("/")
-            except OSError:
-                continue
-            if owner == self.owner and not (self._owner_dir / instance).exists():
-                shutil.rmtree(claim, ignore_errors=True)
-
-    def _release_uid(self, uid: int | None) -> None:
-        if uid is None:
-            return
-        shutil.rmtree(self.uid_dir / str(uid), ignore_errors=True)
+        (a crash between claiming and recording, or removing and releasing),
+        once no process of them is left."""
+        for uid, holder in list(self.uids.claims(f"{self.owner}/")):
+            instance = holder.partition("/")[2]
+            if not (self._owner_dir / instance).exists():
+                _kill_uid(uid)
+                if not pids_of_uid(uid):
+                    self.uids.release(uid, holder)
 
     def _cgroup(self, vm: TangoMachine) -> CgroupSet | None:
         if self.cgroups is None:
@@ -241,21 +301,35 @@ class LocalVMMS(VMMS):
 
     def _create_sandbox(self, vm: TangoMachine, instance: str) -> None:
         d = self._vm_dir(vm)
+        lay = Layout(d)
         uid: int | None = None
         try:
             d.mkdir(mode=0o711)
         except FileExistsError:
             raise InitializeVMError(f"sandbox {d} already exists") from None
         try:
-            uid = self._claim_uid(instance)
+            try:
+                uid = self.uids.claim(self._holder(instance))
+            except LookupError as e:
+                raise InitializeVMError(str(e)) from None
             vm.instance_id = instance
-            vm.driver_data.update(dir=str(d), uid=uid)
+            vm.driver_data.update(dir=str(d), uid=uid, job=str(lay.job))
             self._write_meta(vm)
-            job = d / "job"
-            job.mkdir(mode=0o700)
-            os.chown(job, uid, uid)
-            out = d / "out"
-            out.mkdir(mode=0o700)
+            lay.fs.mkdir(mode=0o711)
+            if self.disk_quota:
+                try:
+                    mount_quota(lay.fs, self.disk_quota, self.inode_quota)
+                except OSError as e:
+                    raise InitializeVMError(
+                        f"{e.strerror or e} (the local driver puts each VM's files on a tmpfs "
+                        "of disk_quota bytes; driver option disk_quota=0 goes without)"
+                    ) from None
+            lay.job.mkdir(mode=0o700)
+            os.chown(lay.job, uid, uid)
+            for name in ("tmp", "vartmp", "shm"):
+                (lay.fs / name).mkdir()
+                os.chmod(lay.fs / name, 0o1777)
+            lay.out.mkdir(mode=0o700)
             etc = d / "etc"
             etc.mkdir(mode=0o755)
             (etc / "passwd").write_text(
@@ -274,7 +348,13 @@ class LocalVMMS(VMMS):
             cg = self._cgroup(vm)
             if cg is not None:
                 cg.create(memory_bytes=self._memory_bytes(vm) + 64 * MIB,
-                          pids_max=self.pids_max)
+                          pids_max=self.pids_max, cores=vm.cores)
+            if self.sandbox == "bwrap" and self.network == "pasta":
+                assert self.pasta is not None
+                try:
+                    create_netns(lay, self.pasta)
+                except (OSError, subprocess.SubprocessError) as e:
+                    raise InitializeVMError(f"the VM's network namespace: {e}") from None
         except BaseException as e:
             self._remove_sandbox(d, uid, vm)
             if isinstance(e, InitializeVMError):
@@ -293,46 +373,38 @@ class LocalVMMS(VMMS):
         if self.sandbox == "rlimits":
             return argv
         assert self.bwrap is not None
-        root = self.images.get(vm.image or "", "/")
-        cmd = [self.bwrap, "--ro-bind", root, "/", "--dev", "/dev", "--proc", "/proc"]
-        for private in ("/tmp", "/var/tmp", "/dev/shm", "/run", "/home"):
-            cmd += ["--perms", "1777" if private != "/run" and private != "/home" else "0755",
-                    "--tmpfs", private]
-        # hide every sandbox's state (other jobs' directories included)
-        state = str(self.state_dir)
-        if root == "/" and Path(state).is_relative_to("/") and not state.startswith(
-            ("/tmp/", "/run/", "/home/", "/dev/shm/", "/var/tmp/")
-        ):
-            cmd += ["--tmpfs", state]
-        cmd += [
-            "--perms", "0755", "--dir", "/home/autograde",
-            "--bind", str(d / "job"), JOB_DIR_IN_SANDBOX,
-            "--perms", "0700", "--dir", "/run/vmpool",
-            "--bind", str(d / "out"), OUT_DIR_IN_SANDBOX,
-            "--ro-bind", str(d / "autodriver.py"), AUTODRIVER_IN_SANDBOX,
-            "--ro-bind", str(d / "etc" / "passwd"), "/etc/passwd",
-            "--ro-bind", str(d / "etc" / "group"), "/etc/group",
-            "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
-            "--hostname", vm.instance_id or "sandbox",
-            "--die-with-parent", "--new-session",
-            "--cap-drop", "ALL",
-        ]
-        for cap in SANDBOX_CAPS:
-            cmd += ["--cap-add", cap]
-        if disable_network:
-            cmd.append("--unshare-net")
-        cmd += ["--chdir", "/", "--setenv", "HOME", "/root", "--setenv", "PATH",
-                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "--"]
-        return cmd + argv
+        return bwrap_command(
+            self.bwrap, Layout(d), argv,
+            root=self.images.get(vm.image or "", "/"),
+            net=self._job_net(vm, disable_network),
+            hostname=vm.instance_id or "sandbox",
+            hidden=self.hidden, extra_ro=self.extra_ro,
+        )
 
-    def _wrap_cgroup(self, vm: TangoMachine, cmd: list[str]) -> list[str]:
+    def _job_net(self, vm: TangoMachine, disable_network: bool) -> JobNet:
+        if disable_network or self.network == "none":
+            return "none"
+        if self.network == "host-unsafe":
+            return "host"
+        return "vm"
+
+    def _wrap(self, vm: TangoMachine, cmd: list[str], net: JobNet) -> list[str]:
+        """Enter the VM's cgroup and network namespace, shielded from the OOM
+        killer (the autodriver sets the job's own score to +1000), then exec
+        the sandbox: a shell writes its own pid, then becomes the sandbox (no
+        preexec_fn: threads may be running)."""
+        steps = ["true"]
         cg = self._cgroup(vm)
-        if cg is None or not cg.exists():
-            return cmd
-        # Enter the cgroup before exec: a shell writes its own pid, then
-        # becomes the sandbox (no preexec_fn: threads may be running).
-        enter = "; ".join(f'echo $$ > "{p}"' for p in cg.procs_files())
-        return ["/bin/sh", "-c", f'{enter} && exec "$@"', "vmpool-sandbox", *cmd]
+        if cg is not None and cg.exists():
+            steps += [f'echo $$ > "{p}"' for p in cg.procs_files()]
+        prefix = ""
+        if net == "vm" and self.sandbox == "bwrap":
+            ns = Layout(Path(vm.driver_data["dir"])).netns
+            prefix = f'nsenter "--net={ns}" -- '
+        # best effort: some kernels refuse negative scores even to root
+        script = ("{ echo -1000 > /proc/self/oom_score_adj; } 2>/dev/null; "
+                  + " && ".join(steps) + f' && exec {prefix}"$@"')
+        return ["/bin/sh", "-c", script, "vmpool-sandbox", *cmd]
 
     async def _run(
         self, vm: TangoMachine, cmd: list[str], *, limit: int = 64 * KIB
@@ -341,7 +413,7 @@ class LocalVMMS(VMMS):
         key = vm.instance_id or str(vm.id)
         proc = await anyio.open_process(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            start_new_session=True, env=dict(SANDBOX_ENV),
         )
         self._procs[key] = proc
         out = bytearray()
@@ -365,13 +437,13 @@ class LocalVMMS(VMMS):
 
     async def waitVM(self, vm: TangoMachine, max_secs: float) -> None:
         d = vm.driver_data.get("dir")
-        if not d or not (Path(d) / "job").is_dir():
+        if not d or not Layout(Path(d)).job.is_dir():
             raise VMNotReadyError(f"sandbox of {vm.instance_id or vm.id} does not exist")
         if vm.driver_data.get("verified"):
             return
         # Start the sandbox once: proves bubblewrap, namespaces and the
         # cgroup work here, before a job depends on it.
-        cmd = self._wrap_cgroup(vm, self._sandbox_cmd(vm, [self.python, "-c", "pass"], True))
+        cmd = self._wrap(vm, self._sandbox_cmd(vm, [self.python, "-c", "pass"], True), "none")
         code, out = await self._run(vm, cmd)
         if code != 0:
             raise VMNotReadyError(
@@ -385,8 +457,8 @@ class LocalVMMS(VMMS):
         d = vm.driver_data.get("dir")
         if not d:
             raise CopyInError(f"VM {vm.id} has no sandbox")
-        await anyio.to_thread.run_sync(self._copy_in, Path(d) / "job", vm.driver_data["uid"],
-                                       list(inputFiles))
+        await anyio.to_thread.run_sync(self._copy_in, Layout(Path(d)).job,
+                                       vm.driver_data["uid"], list(inputFiles))
 
     @staticmethod
     def _copy_in(job: Path, uid: int, files: list[InputFile]) -> None:
@@ -418,29 +490,34 @@ class LocalVMMS(VMMS):
         uid = vm.driver_data.get("uid")
         if not d or uid is None:
             raise RunJobError(f"VM {vm.id} has no sandbox")
-        d = Path(d)
-        feedback = d / "out" / "feedback"
-        for stale in (feedback, d / "out" / "partial"):
+        lay = Layout(Path(d))
+        feedback = lay.out / "feedback"
+        for stale in (feedback, lay.out / "partial"):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
         mem = self._memory_bytes(vm)
         limits = [
             "-u", str(self.nproc), "-f", str(self.fsize),
             "-t", format_seconds(runTimeout), "-o", str(maxOutputFileSize),
-            "--mem", str(mem),
+            "--mem", str(mem), *self.env_args,
         ]
         if self.cpu_seconds:
             limits += ["--cpu", str(self.cpu_seconds)]
+        if self.disk_quota:
+            limits.append("--quota")
+        if not self.seccomp:
+            limits.append("--no-seccomp")
         if self.sandbox == "bwrap":
             argv = [self.python, "-S", "-E", AUTODRIVER_IN_SANDBOX, *limits, "--user", "autograde",
                     "--output", f"{OUT_DIR_IN_SANDBOX}/feedback",
                     "--partial", f"{OUT_DIR_IN_SANDBOX}/partial", "--no-cgroup",
                     JOB_DIR_IN_SANDBOX]
         else:
-            argv = [self.python, "-S", "-E", str(d / "autodriver.py"), *limits, "--user", f"#{uid}",
-                    "--output", str(feedback), "--partial", str(d / "out" / "partial"),
-                    "--no-cgroup", str(d / "job")]
-        cmd = self._wrap_cgroup(vm, self._sandbox_cmd(vm, argv, disableNetwork))
+            argv = [self.python, "-S", "-E", str(lay.d / "autodriver.py"), *limits,
+                    "--user", f"#{uid}", "--output", str(feedback),
+                    "--partial", str(lay.out / "partial"), "--no-cgroup", str(lay.job)]
+        net = self._job_net(vm, disableNetwork)
+        cmd = self._wrap(vm, self._sandbox_cmd(vm, argv, disableNetwork), net)
         cg = self._cgroup(vm)
         oom_before = cg.oom_kills() if cg is not None else 0
         code, out = await self._run(vm, cmd)
@@ -480,18 +557,39 @@ class LocalVMMS(VMMS):
         await anyio.to_thread.run_sync(self._remove_sandbox, d, vm.driver_data.get("uid"), vm)
 
     def _remove_sandbox(self, d: Path, uid: int | None, vm: TangoMachine) -> None:
+        holder = self._holder(d.name)
         cg = self._cgroup(vm)
         if cg is not None:
             cg.kill_all()
-        if uid is not None:
+        mine = uid is not None and self.uids.holds(uid, holder)
+        if uid is not None and not mine:
+            # The claim names another sandbox now (or none): its processes
+            # are not this VM's to kill, nor its uid this VM's to free.
+            log.warning("sandbox %s: uid %s is no longer claimed for it (claim: %s); "
+                        "leaving its processes and claim alone", d, uid, self.uids.holder(uid))
+        if mine:
+            assert uid is not None
             _kill_uid(uid)
-        if d.exists():
-            shutil.rmtree(d, ignore_errors=True)
-            if d.exists():
-                raise DestroyVMError(f"sandbox {d} could not be removed")
+            left = pids_of_uid(uid)
+            if left:
+                raise DestroyVMError(
+                    f"sandbox {d}: processes of uid {uid} survive SIGKILL "
+                    f"({', '.join(map(str, left[:10]))}); the VM and its uid are kept "
+                    "(leaked) rather than handed to another job"
+                )
+        lay = Layout(d)
+        try:
+            remove_netns(lay)
+            if is_mount(lay.fs):
+                detach(lay.fs)  # everything the job left, at any depth, in one call
+            remove_tree(d)
+        except OSError as e:
+            raise DestroyVMError(f"sandbox {d} could not be removed: {e}") from e
         if cg is not None:
             cg.remove()
-        self._release_uid(uid)
+        if mine:
+            assert uid is not None
+            self.uids.release(uid, holder)
 
     async def safeDestroyVM(self, vm: TangoMachine) -> None:
         await self.destroyVM(vm)
@@ -528,13 +626,10 @@ class LocalVMMS(VMMS):
         m = re.fullmatch(rf"{re.escape(self.prefix)}-(\d+)-(.+)", instance)
         if m:
             meta.update(id=int(m.group(1)), name=m.group(2))
-        for claim in self.uid_dir.iterdir():
-            try:
-                if (claim / "owner").read_text().strip() == f"{self.owner}/{instance}":
-                    meta["driver_data"]["uid"] = int(claim.name)
-                    break
-            except (OSError, ValueError):
-                continue
+        for uid, holder in self.uids.claims(self._holder(instance)):
+            if holder == self._holder(instance):
+                meta["driver_data"]["uid"] = uid
+                break
         return meta
 
     def _remove_stale_cgroups(self) -> None:
@@ -559,6 +654,9 @@ class LocalVMMS(VMMS):
             **super().describe(),
             "sandbox": self.sandbox,
             "state_dir": str(self.state_dir),
+            "network": self.network,
+            "disk_quota": self.disk_quota,
+            "inode_quota": self.inode_quota,
             "cgroups": self.cgroups.describe() if self.cgroups else None,
         }
 
@@ -582,7 +680,7 @@ def _kill_group(pid: int) -> None:
 def _kill_uid(uid: int) -> None:
     """Kill every process of ``uid`` (the VM's dedicated uid), bounded."""
     for _ in range(20):
-        pids = _pids_of_uid(uid)
+        pids = pids_of_uid(uid)
         if not pids:
             return
         pid = os.fork()
@@ -598,23 +696,7 @@ def _kill_uid(uid: int) -> None:
         for p in pids:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(p, signal.SIGKILL)
-
-
-def _pids_of_uid(uid: int) -> list[int]:
-    pids = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/status") as f:
-                for line in f:
-                    if line.startswith("Uid:"):
-                        if str(uid) in line.split()[1:]:
-                            pids.append(int(entry.name))
-                        break
-        except OSError:
-            continue
-    return pids
+        time.sleep(0.01)  # SIGKILLed tasks need a moment to exit
 
 
 def _copy_capped(src: Path, dest: str, cap: int) -> None:
