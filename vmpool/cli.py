@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -132,6 +133,17 @@ async def run_jobs(args: argparse.Namespace) -> int:
     return report(args, [h.result for h in handles], elapsed, out_dir)
 
 
+# Control characters but newline and tab, C1 controls, and the bidirectional
+# overrides: what a job's output could use to rewrite the terminal (erase a
+# line, move the cursor, reorder text) and forge a status line.
+_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every control character shown as an escape (``\\x1b``, ``\\r``)."""
+    return _CONTROLS.sub(lambda m: repr(m.group())[1:-1], text)
+
+
 def report(
     args: argparse.Namespace, results: list[JobResult | None], elapsed: float, out_dir: Path
 ) -> int:
@@ -139,7 +151,8 @@ def report(
     if args.json:
         print(json.dumps([r.to_dict() for r in results if r], indent=2))
     elif len(results) == 1 and results[0] is not None:
-        sys.stdout.write(Path(results[0].output_file).read_text(errors="replace"))
+        text = Path(results[0].output_file).read_bytes().decode(errors="backslashreplace")
+        sys.stdout.write(text if args.raw else escape_controls(text))
     else:
         n = len(results)
         counts = Counter(r.outcome.value for r in results if r)
@@ -179,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="warm VMs (default: number of jobs, at most 4)")
     run.add_argument("--output-dir", help="where output files go (default: a new temp dir)")
     run.add_argument("--json", action="store_true", help="print results as JSON")
+    run.add_argument("--raw", action="store_true",
+                     help="print the job's output as it is (control characters and all; "
+                     "by default they are shown escaped, so a job cannot rewrite the screen)")
     run.add_argument("--progress", action="store_true",
                      help="show the progress bar even when stderr is not a terminal")
 

@@ -104,7 +104,9 @@ class TangoServer:
         self.manager = manager
         self.store = store
         self.courselabs = Path(config.courselabs)
-        self.courselabs.mkdir(parents=True, exist_ok=True)
+        # owner-only: handins, graders and outputs of every course are below
+        self.courselabs.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.courselabs, 0o700)
         self.started = time.time()
         self.callbacks_sent = 0
         self.callbacks_failed = 0
@@ -174,7 +176,8 @@ class TangoServer:
         if lab is None:
             return fail(f"Invalid courselab name: {_lab_problem(key, courselab)}")
         created = not lab.is_dir()
-        (lab / "output").mkdir(parents=True, exist_ok=True)
+        lab.mkdir(mode=0o700, exist_ok=True)
+        (lab / "output").mkdir(mode=0o700, exist_ok=True)
         files = await anyio.to_thread.run_sync(self._md5s, lab)
         return ok("Created directory" if created else "Found directory", files=files)
 
@@ -202,7 +205,8 @@ class TangoServer:
         h = hashlib.md5()
         size = 0
         try:
-            with open(tmp, "wb") as out:  # noqa: ASYNC230 - small writes, streamed
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with open(fd, "wb") as out:  # noqa: ASYNC230 - small writes, streamed
                 async for chunk in request.content.iter_chunked(1 << 16):
                     size += len(chunk)
                     if size > limit:
@@ -641,7 +645,7 @@ async def serve(
         if server is not None:
             await server.on_done(h)
 
-    manager = Manager(config.settings, on_done=[done_hook])
+    manager = Manager(config.job_settings(), on_done=[done_hook])
     async with manager, anyio.create_task_group() as tg, aiohttp.ClientSession() as http:
         server = TangoServer(config, manager, store)
         server._tg = tg

@@ -51,7 +51,26 @@ class ServerConfig:
     callback_tries: int = 4
     callback_backoff: float = 1.0
     callback_timeout: float = 30.0
+    #: the file this configuration was read from (jobs never see it)
+    config_file: str | None = None
     settings: Settings = field(default_factory=Settings)
+
+    def private_paths(self) -> list[str]:
+        """What the server keeps that no job may see: courselabs, the job
+        database (and its WAL files), the configuration file."""
+        db = str(Path(self.database).absolute())
+        paths = [str(Path(self.courselabs).absolute()), db, f"{db}-wal", f"{db}-shm"]
+        if self.config_file:
+            paths.append(str(Path(self.config_file).absolute()))
+        return paths
+
+    def job_settings(self) -> Settings:
+        """The manager's settings, with the server's private paths handed to
+        the local driver (which covers them in every sandbox)."""
+        options = {name: dict(o) for name, o in self.settings.driver_options.items()}
+        local = options.setdefault("local", {})
+        local["hidden_paths"] = [*local.get("hidden_paths", []), *self.private_paths()]
+        return dataclasses.replace(self.settings, driver_options=options)
 
     def validate(self) -> None:
         problems = []
@@ -67,7 +86,8 @@ class ServerConfig:
             raise ConfigError("; ".join(problems))
 
 
-_SERVER_FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig) if f.name != "settings"}
+_SERVER_FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig)
+                  if f.name not in ("settings", "config_file")}
 
 
 def load_config(path: str | None = None, environ: Mapping[str, str] | None = None) -> ServerConfig:
@@ -109,7 +129,7 @@ def load_config(path: str | None = None, environ: Mapping[str, str] | None = Non
     vm_settings.setdefault("driver_options", {}).update(drivers)
     try:
         settings = Settings.from_env(env, **vm_settings)
-        cfg = ServerConfig(**server, settings=settings)
+        cfg = ServerConfig(**server, settings=settings, config_file=path)
     except (TypeError, ValueError) as e:
         raise ConfigError(str(e)) from None
     cfg.validate()

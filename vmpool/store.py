@@ -14,6 +14,7 @@ may not survive the machine losing power.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -80,7 +81,10 @@ class SQLiteStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # owner-only: jobs hold the courses' keys, file names and outputs
+        os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+        os.chmod(self.path, 0o600)
         self._db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
         self._lock = threading.Lock()
         with self._lock:

@@ -330,6 +330,7 @@ class LocalVMMS(VMMS):
                 (lay.fs / name).mkdir()
                 os.chmod(lay.fs / name, 0o1777)
             lay.out.mkdir(mode=0o700)
+            lay.empty.touch(mode=0o444)
             etc = d / "etc"
             etc.mkdir(mode=0o755)
             (etc / "passwd").write_text(

@@ -78,6 +78,10 @@ class Layout:
         return self.d / "out"
 
     @property
+    def empty(self) -> Path:  # an empty file that covers hidden files
+        return self.d / "empty"
+
+    @property
     def netns(self) -> Path:
         return self.d / "netns"
 
@@ -125,7 +129,7 @@ def bwrap_command(
     else:
         cmd += ["--ro-bind", root, "/"]
         visible = ["/"]
-    cmd += cover(hidden, visible, root)
+    cmd += cover(hidden, visible, root, str(layout.empty))
     cmd += ["--dev", "/dev", "--proc", "/proc", "--perms", "0755", "--tmpfs", "/run"]
     for inside, host in layout.scratch().items():
         if inside != JOB_DIR:
@@ -143,12 +147,29 @@ def bwrap_command(
         "--die-with-parent", "--new-session",
         "--cap-drop", "ALL",
     ]
-    for cap in CAPS:
+    for cap in held(CAPS):
         cmd += ["--cap-add", cap]
     if net == "none":
         cmd.append("--unshare-net")
     cmd += ["--chdir", "/", "--"]
     return cmd + list(argv)
+
+
+_CAP_NUMBERS = {"CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_DAC_READ_SEARCH": 2,
+                "CAP_FOWNER": 3, "CAP_KILL": 5, "CAP_SETGID": 6, "CAP_SETUID": 7,
+                "CAP_SYS_RESOURCE": 24}
+
+
+def held(caps: Iterable[str]) -> list[str]:
+    """The capabilities of ``caps`` this process holds. Asked for one it does
+    not hold (a host whose root lacks CAP_SYS_RESOURCE), bubblewrap would keep
+    every capability instead: never ask."""
+    permitted = 0
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapPrm:"):
+                permitted = int(line.split()[1], 16)
+    return [c for c in caps if permitted >> _CAP_NUMBERS[c] & 1]
 
 
 def parents(path: str, made: set[str]) -> list[str]:
@@ -163,7 +184,7 @@ def parents(path: str, made: set[str]) -> list[str]:
     return opts
 
 
-def cover(hidden: Iterable[str], visible: Sequence[str], root: str) -> list[str]:
+def cover(hidden: Iterable[str], visible: Sequence[str], root: str, empty: str) -> list[str]:
     """bwrap options covering each hidden path that would show in the sandbox
     (under a directory bound into it) with an empty directory or file."""
     opts: list[str] = []
@@ -180,7 +201,7 @@ def cover(hidden: Iterable[str], visible: Sequence[str], root: str) -> list[str]
             if Path(path).is_dir():
                 opts += ["--perms", "0700", "--tmpfs", inside]
             elif Path(path).exists():
-                opts += ["--ro-bind", "/dev/null", inside]
+                opts += ["--ro-bind", empty, inside]
     return opts
 
 
