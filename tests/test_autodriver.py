@@ -190,6 +190,22 @@ def test_runs_as_grading_user(make_dir: Callable[..., Path], grader: pwd.struct_
     assert uid != b"0"
 
 
+def test_the_job_gets_a_short_environment_never_the_callers(
+    make_dir: Callable[..., Path],
+) -> None:
+    d = make_dir(makefile("@env | sort"))
+    r = run("--env", "JAVA_HOME=/opt/jdk", "--env=EMPTY=", d,
+            env={**os.environ, "RESTFUL_KEY": "k3y", "AWS_SECRET_ACCESS_KEY": "s3cret",
+                 "LANG": "de_DE.UTF-8"})
+    assert r.rc == 0, r.out
+    names = {line.split(b"=", 1)[0].decode() for line in r.lines[1:] if line}
+    # make adds its own MAKEFLAGS, MAKELEVEL and MFLAGS for its children
+    assert names == {"PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TERM", "PWD",
+                     "JAVA_HOME", "EMPTY", "MAKEFLAGS", "MAKELEVEL", "MFLAGS"}, r.out
+    assert b"TERM=dumb" in r.lines and b"LANG=C.UTF-8" in r.lines
+    assert b"JAVA_HOME=/opt/jdk" in r.lines and b"k3y" not in r.out and b"s3cret" not in r.out
+
+
 def test_nonexistent_make_is_an_os_error(make_dir: Callable[..., Path]) -> None:
     d = make_dir(makefile("@echo hello"))
     r = run(d, env={**os.environ, "PATH": "/nonexistent"})
@@ -294,9 +310,9 @@ def test_runs_as_the_grading_user_itself(
             "20",
             d,
             f"--output={d}/feedback",
+            f"--env=TOKEN={token}",
             python=PLAIN_PY,
             preexec_fn=_as_user(grader.pw_uid, grader.pw_gid),
-            env={**os.environ, "TOKEN": token},
         )
         assert r.rc == 0, r
         feedback = (d / "feedback").read_bytes()

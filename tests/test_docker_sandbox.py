@@ -530,3 +530,32 @@ async def test_files_filling_memory_leave_the_autodriver_its_output(
         "before the hog",
         *(f"{d}: {whole_files(shares[role][0], 4 * MIB, d)}" for role, d in roles),
     ], out
+
+
+SYSV_PY = """\
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+libc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+size = 60 << 20
+shmid = libc.shmget(0, ctypes.c_size_t(size), 0o1000 | 0o600)  # IPC_PRIVATE, IPC_CREAT
+addr = libc.shmat(shmid, None, 0)
+ctypes.memset(addr, 1, size)  # touched: charged to the container's memory
+libc.shmdt(ctypes.c_void_p(addr))
+# and never IPC_RMID: the segment would stay, with its memory, after we exit
+"""
+
+
+async def test_sysv_shared_memory_dies_with_the_jobs_processes(dock: Dock) -> None:
+    # six segments of 60 MiB, one after the other, each left behind by its
+    # process: kept, they would fill the 256 MiB and then the OOM killer
+    # would take the autodriver
+    drv = dock.driver()
+    async with Manager(dock.settings(), drivers={"docker": drv}) as mgr:
+        h = await mgr.submit(dock.job("sysv", [
+            "@for i in 1 2 3 4 5 6; do python3 sysv.py || exit 1; done; echo 6 segments left",
+            "@ipcs -m | grep -c 0x || true",
+        ], {"sysv.py": SYSV_PY}, timeout=30, memory=256))
+        r = await finish(h, 60)
+    assert r.outcome is Outcome.SUCCESS and r.retries == 0
+    assert job_lines(h, "Autodriver: Job exited with status 0") == ["6 segments left", "0"]

@@ -33,7 +33,7 @@ from drivers.local.sandbox import _CAP_NUMBERS as _CAPS
 from drivers.policy import AUTODRIVER_CAPS, UidRegistry, pids_of_uid
 from vmpool import DestroyVMError, Manager, Outcome, TangoJob, TangoMachine, make_job
 
-from .jobs import driver_test_settings, finish, processes_of, read_lines
+from .jobs import driver_test_settings, finish, processes_of, read_lines, warm
 
 UID_BASE = 64000
 UIDS = 20  # per test
@@ -376,7 +376,7 @@ async def test_a_fork_heavy_neighbour_does_not_slow_a_short_job(env: Env) -> Non
         hog = await mgr.submit(env.job(["@python3 hog.py"], {"hog.py": HOG_PY}, timeout=60))
         with anyio.fail_after(30):
             # ok-sleep: until the hog's 90 processes run; bounded
-            while hog.vm is None or not Path(hog.vm.driver_data["job"], "hogging").exists():  # noqa: ASYNC110, E501
+            while hog.vm is None or not Path(hog.vm.driver_data["job"], "hogging").exists():  # noqa: ASYNC110
                 await anyio.sleep(0.02)
         short = await mgr.submit(env.job(["@python3 short.py"], {"short.py": SHORT_PY},
                                          timeout=30))
@@ -417,11 +417,16 @@ print("deep", i + 1)
 """
 
 
-async def test_a_3000_level_tree_is_removed_and_its_uid_reused(env: Env) -> None:
-    drv = env.driver(uid_count=1)  # one uid: the second job gets it only if it was freed
+@pytest.mark.parametrize("quota", [True, False], ids=["on-tmpfs", "on-disk"])
+async def test_a_3000_level_tree_is_removed_and_its_uid_reused(env: Env, quota: bool) -> None:
+    # one uid: the second job gets it only if it was freed
+    drv = env.driver(uid_count=1, **({} if quota else {"disk_quota": 0}))
     async with Manager(driver_test_settings("local"), drivers={"local": drv}) as mgr:
         h1 = await mgr.submit(env.job(["@python3 deep.py"], {"deep.py": DEEP_PY}))
         r1 = await finish(h1, 60)
+        # the refill gets a VM once the first one's removal gave its uid back
+        # (until then its creations fail: every uid is in use)
+        await warm(mgr, IMAGE, 1)
         h2 = await mgr.submit(env.job(["@id -u"]))
         r2 = await finish(h2, 60)
     assert r1.outcome is r2.outcome is Outcome.SUCCESS

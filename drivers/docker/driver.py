@@ -151,6 +151,7 @@ class DockerVMMS(VMMS):
         feedback_cap: int = 64 * MIB,
         env: Mapping[str, str] | None = None,
         seccomp_profile: str | None = None,
+        seccomp: bool = True,
         disk_quota: int = DEFAULT_DISK_QUOTA,
         inode_quota: int = DEFAULT_INODE_QUOTA,
         uid_base: int = 61000,
@@ -167,11 +168,16 @@ class DockerVMMS(VMMS):
         #: None: the engine's default seccomp profile (the normal case); else
         #: the SecurityOpt value ("unconfined", or a profile's JSON)
         self.seccomp_profile = seccomp_profile
+        #: the autodriver's own filter in the job's process (see the autodriver)
+        self.seccomp = seccomp
         if disk_quota <= 0 or inode_quota <= 0:
             raise ValueError(f"disk_quota and inode_quota must be positive, got {disk_quota}, "
                              f"{inode_quota}")
         self.disk_quota = disk_quota
         self.inode_quota = inode_quota
+        if uid_base < 1000 or uid_count < 1:
+            raise ValueError(f"need uid_base >= 1000 and uid_count >= 1, got {uid_base}, "
+                             f"{uid_count}")
         self.uid_base = uid_base
         self.uid_count = uid_count
         self.uid_dir = uid_dir
@@ -611,7 +617,8 @@ class DockerVMMS(VMMS):
             image_env = self._image_env.get(vm.image or "", {})
             job_env = {k: v for k, v in image_env.items() if k not in NOT_PASSED}
             job_env.update(self.env)
-            run[-1:-1] = [*env_args(job_env), "--quota"]
+            run[-1:-1] = [*env_args(job_env), "--quota",
+                          *([] if self.seccomp else ["--no-seccomp"])]
         # One exec: the shell out of the OOM killer's reach (where the engine
         # lets it), the container's one-time setup (the grading user's uid,
         # no writable path on the root file system), an empty home for the
