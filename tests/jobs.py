@@ -9,7 +9,7 @@ from typing import Any
 
 import anyio
 
-from vmpool import JobHandle, JobResult, Manager, Settings
+from vmpool import JobHandle, JobResult, Manager, Settings, TangoJob, make_job
 
 ELISION = b"\n...[excess bytes elided]...\n"
 
@@ -111,3 +111,35 @@ def processes_of(uids: set[int]) -> list[str]:
         if ids & uids and state not in ("Z", "X"):
             found.append(f"{name} {fields.get('Name', '').strip()} uids={sorted(ids)}")
     return found
+
+
+def recipe_job(
+    tmp: Path, name: str, image: str, recipe: list[str],
+    files: dict[str, str] | None = None, **kw: Any,
+) -> TangoJob:
+    """A job in ``tmp/jobs/name`` whose Makefile runs ``recipe`` (one line a
+    command), with ``files`` beside it; its output goes to ``tmp/out``."""
+    d = tmp / "jobs" / name
+    d.mkdir(parents=True)
+    (d / "Makefile").write_text("all:\n" + "".join(f"\t{line}\n" for line in recipe))
+    inputs = [(str(d / "Makefile"), "Makefile")]
+    for fname, text in (files or {}).items():
+        (d / fname).write_text(text)
+        inputs.append((str(d / fname), fname))
+    return make_job(image, inputs, str(tmp / "out" / f"{name}.out"), name=name, **kw)
+
+
+# A neighbour: 90 busy processes, each in a session of its own, until the
+# test writes "release" into the job's directory (or kills the job).
+HOG_PY = """\
+import os, sys, time
+for _ in range(90):
+    if os.fork() == 0:
+        os.setsid()
+        while True:
+            pass
+print("holding 90", flush=True)
+open("hogging", "w").close()
+while not os.path.exists("release"):
+    time.sleep(0.05)  # ok-sleep: the neighbour holds until the test releases it
+"""

@@ -30,7 +30,7 @@ import pytest
 from drivers.policy import UID_DIR, UidRegistry, file_quotas
 from vmpool import JobHandle, Manager, Outcome, TangoMachine
 
-from .jobs import MEMORY_BOMB_PY, finish, read_lines, warm
+from .jobs import HOG_PY, MEMORY_BOMB_PY, finish, read_lines, warm
 from .test_docker_driver import (
     IMAGE,
     MIB,
@@ -342,17 +342,6 @@ async def test_nothing_else_on_the_root_file_system_is_writable(dock: Dock) -> N
 # --------------------------------------------------------------------------
 # 5 and 6. a neighbour's processes: CPU fairness, per-uid limits, own uids
 
-HOG_PY = """\
-import os, sys, time
-for _ in range(90):
-    if os.fork() == 0:
-        os.setsid()
-        while True:
-            pass
-print("holding 90", flush=True)
-while not os.path.exists("release"):
-    time.sleep(0.05)  # ok-sleep: the neighbour holds until the test releases it
-"""
 
 QUICK_PY = """\
 import os, time

@@ -46,7 +46,6 @@ from vmpool import (
     TangoJob,
     TangoMachine,
     UnsafePathError,
-    make_job,
 )
 
 from .conftest import autograder_re
@@ -60,6 +59,7 @@ from .jobs import (
     finish,
     processes_of,
     read_lines,
+    recipe_job,
     warm,
 )
 
@@ -248,14 +248,7 @@ class Local:
         files: dict[str, str] | None = None,
         **kw: Any,
     ) -> TangoJob:
-        d = self.tmp / "jobs" / name
-        d.mkdir(parents=True)
-        (d / "Makefile").write_text("all:\n" + "".join(f"\t{line}\n" for line in recipe))
-        inputs = [(str(d / "Makefile"), "Makefile")]
-        for fname, text in (files or {}).items():
-            (d / fname).write_text(text)
-            inputs.append((str(d / fname), fname))
-        return make_job(IMAGE, inputs, str(self.tmp / "out" / f"{name}.out"), name=name, **kw)
+        return recipe_job(self.tmp, name, IMAGE, recipe, files, **kw)
 
     def owner_dirs(self) -> list[Path]:
         return [s / self.owner for s in (self.state, *self.extra_state_dirs)]

@@ -31,9 +31,17 @@ from drivers.local import LocalVMMS
 from drivers.local import driver as local_driver
 from drivers.local.sandbox import _CAP_NUMBERS as _CAPS
 from drivers.policy import AUTODRIVER_CAPS, UidRegistry, pids_of_uid
-from vmpool import DestroyVMError, Manager, Outcome, TangoJob, TangoMachine, make_job
+from vmpool import DestroyVMError, Manager, Outcome, TangoJob, TangoMachine
 
-from .jobs import driver_test_settings, finish, processes_of, read_lines, warm
+from .jobs import (
+    HOG_PY,
+    driver_test_settings,
+    finish,
+    processes_of,
+    read_lines,
+    recipe_job,
+    warm,
+)
 
 UID_BASE = 64000
 UIDS = 20  # per test
@@ -63,16 +71,8 @@ class Env:
     def job(self, recipe: list[str], files: dict[str, str] | None = None,
             **kw: Any) -> TangoJob:
         self._n += 1
-        name = kw.pop("name", f"job{self._n}")
-        d = self.tmp / "jobs" / name
-        d.mkdir(parents=True)
-        (d / "Makefile").write_text("all:\n" + "".join(f"\t{line}\n" for line in recipe))
-        inputs = [(str(d / "Makefile"), "Makefile")]
-        for fname, text in (files or {}).items():
-            (d / fname).write_text(text)
-            inputs.append((str(d / fname), fname))
         kw.setdefault("timeout", 60)
-        return make_job(IMAGE, inputs, str(self.tmp / "out" / f"{name}.out"), name=name, **kw)
+        return recipe_job(self.tmp, kw.pop("name", f"job{self._n}"), IMAGE, recipe, files, **kw)
 
     def leftovers(self) -> dict[str, list[str]]:
         owner_dir = self.state / self.owner
@@ -345,19 +345,6 @@ async def test_disk_and_inode_quotas(env: Env) -> None:
 
 # --------------------------------------------------------------------------
 # 6. CPU fairness
-
-
-HOG_PY = """\
-import os, sys
-for _ in range(90):
-    if os.fork() == 0:
-        os.setsid()
-        while True:
-            pass
-print("hogging", flush=True)
-open("hogging", "w").close()
-os.wait()
-"""
 
 
 SHORT_PY = """\
