@@ -50,7 +50,7 @@ import anyio
 
 from vmpool import Settings
 from vmpool.server import serve
-from vmpool.serverconfig import ServerConfig
+from vmpool.server.config import ServerConfig
 from vmpool.stats import percentile
 
 KEY = "bench"

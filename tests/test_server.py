@@ -15,7 +15,7 @@ from aiohttp import web
 
 from vmpool import Settings
 from vmpool.server import HELLO, serve
-from vmpool.serverconfig import ConfigError, ServerConfig, load_config
+from vmpool.server.config import ConfigError, ServerConfig, load_config
 
 from .conftest import autograder_re
 

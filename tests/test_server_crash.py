@@ -37,7 +37,7 @@ import anyio
 import pytest
 
 from drivers.local import LocalVMMS
-from vmpool.store import SQLiteStore
+from vmpool.server.store import SQLiteStore
 
 from .conftest import autograder_re
 

@@ -48,7 +48,7 @@ from hypothesis import strategies as st
 
 from vmpool import Settings
 from vmpool.server import HELLO, serve
-from vmpool.serverconfig import ServerConfig
+from vmpool.server.config import ServerConfig
 
 KEY = "fuzzkey"
 LAB = "lab"

@@ -201,14 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("drivers", help="list the drivers installed")
 
     serve = sub.add_parser("serve", help="run the Tango-compatible HTTP server")
-    serve.add_argument("--config", help="TOML configuration file (see vmpool.serverconfig)")
+    serve.add_argument("--config", help="TOML configuration file (see vmpool.server.config)")
     serve.add_argument("--port", type=int, help="override server.port")
     return ap
 
 
 def run_server(args: argparse.Namespace) -> int:
     from .server import serve
-    from .serverconfig import ConfigError, load_config
+    from .server.config import ConfigError, load_config
 
     try:
         config = load_config(args.config)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import MIB, Settings
+from ..config import MIB, Settings
 
 
 class ConfigError(ValueError):

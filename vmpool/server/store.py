@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .models import InputFile, TangoJob, TangoMachine
+from ..models import InputFile, TangoJob, TangoMachine
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (

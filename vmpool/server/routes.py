@@ -16,9 +16,7 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
-import re
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -31,19 +29,18 @@ import anyio.abc
 import anyio.to_thread
 from aiohttp import web
 
-from .errors import JobError, PoolClosedError, UnknownImageError, VMPoolError
-from .manager import Manager
-from .models import InputFile, TangoJob, TangoMachine, pool_name
-from .scheduler import JobHandle, Outcome
-from .serverconfig import ServerConfig
+from ..errors import JobError, PoolClosedError, UnknownImageError, VMPoolError
+from ..manager import Manager
+from ..models import TangoJob, pool_name
+from ..scheduler import JobHandle, Outcome
+from .callbacks import Callbacks
+from .config import ServerConfig
+from .jobspec import check_file_name, lab_problem, parse_job
 from .store import SQLiteStore
-from .vmms import check_dest_name
 
 log = logging.getLogger("vmpool.server")
 
 HELLO = "Hello, world! RESTful Tango here!\n"
-#: the longest file name most file systems take, in bytes
-NAME_MAX = 255
 #: the largest pool prealloc may ask for (a typo must not mean a million VMs)
 MAX_PREALLOC = 1000
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -57,37 +54,6 @@ def fail(msg: str, **extra: Any) -> web.Response:
     return web.json_response({"statusId": -1, "statusMsg": msg, **extra})
 
 
-def check_file_name(name: str | None) -> str | None:
-    """The problem with an uploaded or output file name, or None if it is fine."""
-    if name is None or name == "":
-        return "file name is empty"
-    if "\x00" in name:
-        return "file name contains a NUL byte"
-    if "/" in name or "\\" in name:
-        return f"file name {name!r} contains a '/'"
-    if name in (".", "..") or name.startswith(".."):
-        return f"file name {name!r} is not allowed"
-    try:
-        if len(os.fsencode(name)) > NAME_MAX:
-            return f"file name is longer than {NAME_MAX} bytes"
-    except UnicodeEncodeError:  # a lone surrogate (a "\ud800" JSON escape)
-        return f"file name {name!r} is not valid Unicode"
-    return None
-
-
-def _lab_problem(key: str, courselab: str) -> str | None:
-    """The problem with a courselab name (its folder is ``<key>-<courselab>``)."""
-    return check_file_name(courselab) or check_file_name(f"{key}-{courselab}")
-
-
-def _finite(x: float) -> bool:
-    """Not NaN nor infinite, and (an int) not too large for a float."""
-    try:
-        return math.isfinite(x)
-    except OverflowError:
-        return False
-
-
 def _md5(path: Path) -> str:
     h = hashlib.md5()
     with open(path, "rb") as f:
@@ -97,25 +63,45 @@ def _md5(path: Path) -> str:
 
 
 class TangoServer:
-    """The routes, over a running Manager and a store."""
+    """The routes, over the server's own Manager and a store.
 
-    def __init__(self, config: ServerConfig, manager: Manager, store: SQLiteStore) -> None:
+    Made by :func:`vmpool.server.app.running`, which enters the manager and
+    hands :meth:`start` the task group that owns the background work
+    (callbacks) and the HTTP client that sends them.
+    """
+
+    def __init__(self, config: ServerConfig, store: SQLiteStore) -> None:
         self.config = config
-        self.manager = manager
+        self.manager = Manager(config.job_settings(), on_done=[self.on_done])
         self.store = store
         self.courselabs = Path(config.courselabs)
         # owner-only: handins, graders and outputs of every course are below
         self.courselabs.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.courselabs, 0o700)
         self.started = time.time()
-        self.callbacks_sent = 0
-        self.callbacks_failed = 0
+        self.callbacks: Callbacks | None = None
         self._tg: anyio.abc.TaskGroup | None = None
-        self._http: aiohttp.ClientSession | None = None
         self._keys = set(config.keys)
         self._live_meta: dict[int, tuple[str, str]] = {}
 
     # ------------------------------------------------------------ plumbing
+
+    def start(self, tg: anyio.abc.TaskGroup, http: aiohttp.ClientSession) -> None:
+        """Background work (callbacks) runs in ``tg``; callbacks go through ``http``."""
+        self._tg = tg
+        self.callbacks = Callbacks(self.config, self.store, http)
+
+    def stop(self) -> None:
+        """No new background work: jobs still running are abandoned (they stay
+        queued in the store and run again at the next start, and so do
+        callbacks not yet delivered)."""
+        self.manager.scheduler.abandoning = True
+        self._tg = None
+
+    def callback(self, job_id: int, url: str, output_file: str) -> None:
+        """Send the job's callback in the background (not while stopping)."""
+        if self._tg is not None and self.callbacks is not None:
+            self._tg.start_soon(self.callbacks.send, job_id, url, output_file)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.config.max_upload_bytes)
@@ -159,7 +145,7 @@ class TangoServer:
         return request.match_info.get("key") in self._keys
 
     def _lab_dir(self, key: str, courselab: str) -> Path | None:
-        if _lab_problem(key, courselab) is not None:
+        if lab_problem(key, courselab) is not None:
             return None
         return self.courselabs / f"{key}-{courselab}"
 
@@ -174,7 +160,7 @@ class TangoServer:
         key, courselab = request.match_info["key"], request.match_info["courselab"]
         lab = self._lab_dir(key, courselab)
         if lab is None:
-            return fail(f"Invalid courselab name: {_lab_problem(key, courselab)}")
+            return fail(f"Invalid courselab name: {lab_problem(key, courselab)}")
         created = not lab.is_dir()
         lab.mkdir(mode=0o700, exist_ok=True)
         (lab / "output").mkdir(mode=0o700, exist_ok=True)
@@ -234,7 +220,11 @@ class TangoServer:
             body = await request.json(loads=json.loads)
         except (ValueError, UnicodeDecodeError) as e:
             return fail(f"Invalid job: the body is not JSON ({e})")
-        job, problems = await self._job_from_json(body, lab)
+        image_problem = None
+        if isinstance(body, dict) and isinstance(body.get("image"), str) and body["image"]:
+            vmms = body.get("vmms") if isinstance(body.get("vmms"), str) else None
+            image_problem = await self._image_problem(body["image"], vmms)
+        job, problems = parse_job(body, lab, image_problem)
         if isinstance(body, dict) and problems == [f"unknown image {body.get('image')!r}"]:
             return fail("Invalid image name")  # Tango's answer when that is all
         if problems or job is None:
@@ -254,111 +244,16 @@ class TangoServer:
             os.unlink(job.outputFile)
         job_id = self.store.add(job, key, courselab)
         try:
-            self._submit(job, key, courselab)
+            self.submit(job, key, courselab)
         except PoolClosedError:
             return fail("Server is shutting down; the job will run after restart",
                         jobId=str(job_id))
         return ok("Job added", jobId=str(job_id))
 
-    async def _job_from_json(
-        self, body: Any, lab: Path
-    ) -> tuple[TangoJob | None, list[str]]:
-        problems: list[str] = []
-        if not isinstance(body, dict):
-            return None, ["the body must be a JSON object"]
-        for field in ("image", "jobName", "output_file", "files"):
-            if field not in body:
-                problems.append(f"missing field '{field}'")
-        image = body.get("image")
-        if "image" in body and (not isinstance(image, str) or not image):
-            problems.append("'image' must be a non-empty string")
-        name = body.get("jobName")
-        if "jobName" in body and (not isinstance(name, str) or not name):
-            problems.append("'jobName' must be a non-empty string")
-        output = body.get("output_file")
-        if "output_file" in body:
-            p = check_file_name(output if isinstance(output, str) else None)
-            if p:
-                problems.append(f"'output_file': {p}")
-        files = body.get("files")
-        inputs: list[InputFile] = []
-        if "files" in body:
-            if not isinstance(files, list) or not files:
-                problems.append("'files' must be a non-empty list")
-            else:
-                for i, f in enumerate(files):
-                    if not isinstance(f, dict) or not isinstance(f.get("localFile"), str) \
-                            or not isinstance(f.get("destFile"), str):
-                        problems.append(f"files[{i}] must have string localFile and destFile")
-                        continue
-                    p = check_file_name(f["localFile"])
-                    if p:
-                        problems.append(f"files[{i}].localFile: {p}")
-                        continue
-                    local = lab / f["localFile"]
-                    if not local.is_file():
-                        problems.append(f"input file {f['localFile']} was not uploaded")
-                    try:
-                        check_dest_name(f["destFile"])
-                    except JobError as e:
-                        problems.extend(f"files[{i}]: {p}" for p in e.problems)
-                    inputs.append(InputFile(str(local), f["destFile"]))
-                if not any(f.destFile == "Makefile" for f in inputs):
-                    problems.append("no file has destFile 'Makefile'")
-        timeout = body.get("timeout", 0)
-        if timeout is None:
-            timeout = 0
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0 \
-                or not _finite(timeout):
-            problems.append(f"'timeout' must be a number >= 0 and finite, got {timeout!r}")
-            timeout = 0
-        max_kb = body.get("max_kb")
-        if max_kb is not None and (isinstance(max_kb, bool) or not isinstance(max_kb, int)
-                                   or max_kb <= 0):
-            problems.append(f"'max_kb' must be a positive integer, got {max_kb!r}")
-            max_kb = None
-        callback = body.get("callback_url") or body.get("notifyURL")
-        if callback is not None and (not isinstance(callback, str)
-                                     or not re.match(r"^https?://", callback)):
-            problems.append(f"'callback_url' must be an http(s) URL, got {callback!r}")
-            callback = None
-        disable_network = body.get("disable_network", False)
-        if not isinstance(disable_network, bool):
-            problems.append("'disable_network' must be true or false")
-        cores, memory = body.get("cores"), body.get("memory")
-        for label, v in (("cores", cores), ("memory", memory)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
-                problems.append(f"'{label}' must be a positive integer, got {v!r}")
-        if isinstance(image, str) and image:
-            vmms = body.get("vmms") if isinstance(body.get("vmms"), str) else None
-            problem = await self._image_problem(image, vmms, body.get("cores"),
-                                                body.get("memory"))
-            if problem:
-                problems.append(problem)
-        if problems:
-            return None, problems
-        assert isinstance(image, str) and isinstance(name, str) and isinstance(output, str)
-        vm = TangoMachine(name=pool_name(image), image=image, cores=cores, memory=memory,
-                          vmms=body.get("vmms") if isinstance(body.get("vmms"), str) else None)
-        job = TangoJob(
-            vm=vm,
-            outputFile=str(lab / "output" / output),
-            name=name,
-            input=inputs,
-            notifyURL=callback,
-            timeout=float(timeout),
-            maxOutputFileSize=int(max_kb) * 1024 if max_kb else 0,
-            accessKeyId=body.get("accessKeyId"),
-            accessKey=body.get("accessKey"),
-            disableNetwork=bool(disable_network),
-        )
-        return job, []
-
-    async def _image_problem(self, image: str, vmms: str | None, cores: Any,
-                             memory: Any) -> str | None:
+    async def _image_problem(self, image: str, vmms: str | None) -> str | None:
         """Why no pool can be made for ``image`` (None if one can). Answered at
         once: Tango waits forever for a VM of an image that does not exist."""
-        from .pool import PoolSpec
+        from ..pool import PoolSpec
 
         name = vmms or self.manager.settings.default_vmms
         try:
@@ -370,7 +265,7 @@ class TangoServer:
             return f"driver {name!r}: {e}"
         return None
 
-    def _submit(self, job: TangoJob, key: str, courselab: str) -> JobHandle:
+    def submit(self, job: TangoJob, key: str, courselab: str) -> JobHandle:
         h = self.manager.scheduler.submit(job)
         self._live_meta[h.id] = (key, courselab)
         return h
@@ -436,8 +331,8 @@ class TangoServer:
             "num_threads": threading.active_count(),
             "live_jobs": len(self.manager.scheduler.live),
             "outcomes": dict(c.outcomes),
-            "callbacks_sent": self.callbacks_sent,
-            "callbacks_failed": self.callbacks_failed,
+            "callbacks_sent": self.callbacks.sent if self.callbacks else 0,
+            "callbacks_failed": self.callbacks.failed if self.callbacks else 0,
         }
         return ok("Found info successfully", info=info)
 
@@ -530,8 +425,8 @@ class TangoServer:
                             ("copyout_errors", c.copyout_errors)):
             metric(f"{name}_total", "counter", f"Tango's {name} counter.", [("", value)])
         metric("callbacks_total", "counter", "Callbacks, by result.",
-               [('{result="sent"}', self.callbacks_sent),
-                ('{result="failed"}', self.callbacks_failed)])
+               [('{result="sent"}', self.callbacks.sent if self.callbacks else 0),
+                ('{result="failed"}', self.callbacks.failed if self.callbacks else 0)])
         per_pool: dict[str, list[tuple[str, float]]] = {
             k: [] for k in ("free", "busy", "creating", "destroying", "queued", "failed")}
         for p in self.manager.pools.values():
@@ -568,119 +463,5 @@ class TangoServer:
         await anyio.to_thread.run_sync(self.store.finish, h.job, r.outcome.value, r.message)
         self._live_meta.pop(h.id, None)
         if h.job.notifyURL:
-            self._tg.start_soon(self._callback, h.id, h.job.notifyURL, h.job.outputFile)
+            self.callback(h.id, h.job.notifyURL, h.job.outputFile)
 
-    async def _callback(self, job_id: int, url: str, output_file: str) -> None:
-        """Tango's callback: multipart POST, field ``file``, header ``Filename``."""
-        name = os.path.basename(output_file)
-        delay = self.config.callback_backoff
-        assert self._http is not None
-        for attempt in range(1, self.config.callback_tries + 1):
-            try:
-                data = await anyio.Path(output_file).read_bytes()
-                form = aiohttp.FormData()
-                form.add_field("file", data, filename=name,
-                               content_type="application/octet-stream")
-                timeout = aiohttp.ClientTimeout(total=self.config.callback_timeout)
-                async with self._http.post(url, data=form, headers={"Filename": name},
-                                           timeout=timeout) as resp:
-                    if resp.status < 500:
-                        self.callbacks_sent += 1
-                        await anyio.to_thread.run_sync(self.store.callback_done, job_id)
-                        log.info("callback for job %s to %s: HTTP %s", job_id, url, resp.status)
-                        return
-                    problem = f"HTTP {resp.status}"
-            except (aiohttp.ClientError, OSError, TimeoutError) as e:
-                problem = f"{type(e).__name__}: {e}"
-            log.warning("callback for job %s to %s failed (try %d/%d): %s", job_id, url,
-                        attempt, self.config.callback_tries, problem)
-            if attempt < self.config.callback_tries:
-                await anyio.sleep(delay)
-                delay *= 2
-        self.callbacks_failed += 1
-        await anyio.to_thread.run_sync(self.store.callback_done, job_id)
-
-    async def recover(self) -> tuple[int, int]:
-        """Run again every job a crash interrupted; returns (rerun, found complete)."""
-        rerun = complete = 0
-        for s in await anyio.to_thread.run_sync(self.store.unfinished):
-            job = s.job
-            if s.id in self.manager.scheduler.live:
-                continue  # already running (never twice)
-            if await anyio.Path(job.outputFile).is_file():
-                # finished before the crash (the output is renamed into place
-                # only when whole; addJob removed any stale one)
-                self.store.finish(job, "recovered", "output complete before restart")
-                complete += 1
-                if job.notifyURL and self._tg is not None:
-                    self._tg.start_soon(self._callback, s.id, job.notifyURL, job.outputFile)
-                continue
-            job.retries = 0
-            job.assigned = False
-            job.log(f"Job {job.name}:{job.id} requeued after a restart")
-            try:
-                await self.manager.driver(job.vm.vmms or self.manager.settings.default_vmms)
-                self._submit(job, s.key, s.courselab)
-                rerun += 1
-            except VMPoolError as e:
-                log.error("job %s cannot be rerun: %s", s.id, e)
-                self.store.finish(job, "internal_error", f"cannot rerun after restart: {e}")
-        for s in await anyio.to_thread.run_sync(self.store.pending_callbacks):
-            if s.job.notifyURL and self._tg is not None:
-                self._tg.start_soon(self._callback, s.id, s.job.notifyURL, s.job.outputFile)
-        return rerun, complete
-
-
-async def serve(
-    config: ServerConfig,
-    *,
-    ready: Callable[[int], None] | None = None,
-    stop: anyio.Event | None = None,
-) -> None:
-    """Run the server until ``stop`` is set (or forever); ``ready(port)`` once listening."""
-    store = SQLiteStore(config.database)
-    server: TangoServer | None = None
-
-    async def done_hook(h: JobHandle) -> None:
-        if server is not None:
-            await server.on_done(h)
-
-    manager = Manager(config.job_settings(), on_done=[done_hook])
-    async with manager, anyio.create_task_group() as tg, aiohttp.ClientSession() as http:
-        server = TangoServer(config, manager, store)
-        server._tg = tg
-        server._http = http
-        # Recover before listening: a job added meanwhile would be found
-        # unfinished in the store and submitted a second time.
-        rerun, complete = await server.recover()
-        runner = web.AppRunner(server.app(), access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, config.host, config.port)
-        await site.start()
-        port = _bound_port(site, config.port)
-        log.info("vmpool serving on %s:%s (%d jobs rerun, %d found complete)",
-                 config.host, port, rerun, complete)
-        if ready is not None:
-            ready(port)
-        try:
-            if stop is None:
-                await anyio.sleep_forever()
-            else:
-                await stop.wait()
-        finally:
-            with anyio.CancelScope(shield=True):
-                await runner.cleanup()
-            # Jobs still running are abandoned, not ended: they stay
-            # queued in the store and run again at the next start, and so
-            # do callbacks not yet delivered.
-            manager.scheduler.abandoning = True
-            server._tg = None
-            tg.cancel_scope.cancel()
-    store.close()
-
-
-def _bound_port(site: web.TCPSite, default: int) -> int:
-    """The port actually bound (``port = 0`` asks the OS for a free one)."""
-    srv: Any = site._server
-    sockets = getattr(srv, "sockets", None) or []
-    return int(sockets[0].getsockname()[1]) if sockets else default

@@ -1,0 +1,79 @@
+"""Running the server: its manager, background work and HTTP listener, each
+owned by one ``async with``."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import anyio
+from aiohttp import web
+
+from .config import ServerConfig
+from .recovery import recover
+from .routes import TangoServer
+from .store import SQLiteStore
+
+log = logging.getLogger("vmpool.server")
+
+
+@contextlib.asynccontextmanager
+async def running(config: ServerConfig) -> AsyncIterator[TangoServer]:
+    """The server with its manager entered and its background work owned;
+    leaving abandons running jobs (they run again at the next start)."""
+    store = SQLiteStore(config.database)
+    try:
+        server = TangoServer(config, store)
+        async with (
+            server.manager,
+            anyio.create_task_group() as tg,
+            aiohttp.ClientSession() as http,
+        ):
+            server.start(tg, http)
+            try:
+                yield server
+            finally:
+                server.stop()
+                tg.cancel_scope.cancel()
+    finally:
+        store.close()
+
+
+async def serve(
+    config: ServerConfig,
+    *,
+    ready: Callable[[int], None] | None = None,
+    stop: anyio.Event | None = None,
+) -> None:
+    """Run the server until ``stop`` is set (or forever); ``ready(port)`` once listening."""
+    async with running(config) as server:
+        # Recover before listening: a job added meanwhile would be found
+        # unfinished in the store and submitted a second time.
+        rerun, complete = await recover(server)
+        runner = web.AppRunner(server.app(), access_log=None)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, config.host, config.port)
+            await site.start()
+            port = _bound_port(site, config.port)
+            log.info("vmpool serving on %s:%s (%d jobs rerun, %d found complete)",
+                     config.host, port, rerun, complete)
+            if ready is not None:
+                ready(port)
+            if stop is None:
+                await anyio.sleep_forever()
+            else:
+                await stop.wait()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await runner.cleanup()
+
+
+def _bound_port(site: web.TCPSite, default: int) -> int:
+    """The port actually bound (``port = 0`` asks the OS for a free one)."""
+    srv: Any = site._server
+    sockets = getattr(srv, "sockets", None) or []
+    return int(sockets[0].getsockname()[1]) if sockets else default
