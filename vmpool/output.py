@@ -22,11 +22,21 @@ def temp_path_for(path: str, tag: str) -> str:
     return os.path.join(d, f".{base}.{tag}")
 
 
+def _sync_dir(path: str) -> None:
+    """fsync the directory holding ``path``: its new name survives a crash."""
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_output_atomic(path: str, header: str, body_file: str | None = None) -> None:
     """Write ``header`` then the contents of ``body_file`` to ``path`` atomically.
 
-    The text is written to a hidden file in the same directory and renamed
-    into place, so a reader sees either no file or the whole file.
+    The text is written to a hidden file in the same directory, fsynced and
+    renamed into place (and the directory fsynced), so a reader sees either
+    no file or the whole file, also after a crash.
     """
     tmp = temp_path_for(path, f"{os.getpid()}-{id(header):x}.tmp")
     try:
@@ -38,7 +48,10 @@ def write_output_atomic(path: str, header: str, body_file: str | None = None) ->
                         shutil.copyfileobj(body, out)
                 except FileNotFoundError:
                     pass
+            out.flush()
+            os.fsync(out.fileno())
         os.replace(tmp, path)
+        _sync_dir(path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -50,7 +63,8 @@ INPLACE_LIMIT = 4 * 1024 * 1024
 
 
 def finish_output(path: str, header: str, feedback: str | None = None) -> None:
-    """Put the output file in place: ``header`` then the feedback file's text.
+    """Put the output file in place: ``header`` then the feedback file's text,
+    fsynced (file and directory) before this returns.
 
     ``feedback`` (a hidden file beside ``path``, as copyOut wrote it) is
     consumed. When it is small enough it is rewritten in place and renamed
@@ -70,8 +84,11 @@ def finish_output(path: str, header: str, feedback: str | None = None) -> None:
                     f.seek(0)
                     f.write(header.encode("utf-8", "replace"))
                     f.write(body)
+                    f.flush()
+                    os.fsync(f.fileno())
             if small:
                 os.replace(feedback, path)
+                _sync_dir(path)
                 return
     try:
         write_output_atomic(path, header, feedback)
@@ -79,3 +96,23 @@ def finish_output(path: str, header: str, feedback: str | None = None) -> None:
         if feedback is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(feedback)
+
+
+def output_is_for(path: str, name: str, job_id: int | None) -> bool:
+    """Whether the output file at ``path`` is whole and is job ``name:job_id``'s
+    (its first line names the job: another job's file of the same name, e.g.
+    an earlier grading of the same handin, is not this job's output)."""
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(64 * 1024)
+    except OSError:
+        return False
+    return first.endswith(f": Received job {name}:{job_id}\n".encode("utf-8", "replace"))
+
+
+def write_failure(path: str, name: str, job_id: int | None, message: str) -> None:
+    """A job's output file saying only why it did not run, in Tango's format."""
+    write_output_atomic(
+        path,
+        autograder_line(f"Received job {name}:{job_id}") + autograder_line(message),
+    )

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import anyio
@@ -36,6 +36,7 @@ from ..scheduler import JobHandle, Outcome
 from .callbacks import Callbacks
 from .config import ServerConfig
 from .jobspec import check_file_name, lab_problem, parse_job
+from .labs import known_md5, lab_md5s, md5_of, record_upload
 from .store import SQLiteStore
 
 log = logging.getLogger("vmpool.server")
@@ -44,6 +45,7 @@ HELLO = "Hello, world! RESTful Tango here!\n"
 #: the largest pool prealloc may ask for (a typo must not mean a million VMs)
 MAX_PREALLOC = 1000
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+T = TypeVar("T")
 
 
 def ok(msg: str, **extra: Any) -> web.Response:
@@ -52,14 +54,6 @@ def ok(msg: str, **extra: Any) -> web.Response:
 
 def fail(msg: str, **extra: Any) -> web.Response:
     return web.json_response({"statusId": -1, "statusMsg": msg, **extra})
-
-
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class TangoServer:
@@ -80,7 +74,13 @@ class TangoServer:
         os.chmod(self.courselabs, 0o700)
         self.started = time.time()
         self.callbacks: Callbacks | None = None
+        #: jobs accepted (and stored) that wait for their driver to answer
+        self.waiting: dict[int, TangoJob] = {}
+        #: exceptions caught at the edge of background tasks
+        self.background_errors = 0
         self._tg: anyio.abc.TaskGroup | None = None
+        # one store call at a time, never on the event loop's thread
+        self._db_limiter = anyio.CapacityLimiter(1)
         self._keys = set(config.keys)
         self._live_meta: dict[int, tuple[str, str]] = {}
 
@@ -98,10 +98,29 @@ class TangoServer:
         self.manager.scheduler.abandoning = True
         self._tg = None
 
+    async def db(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` (a store call) in a worker thread, one at a time."""
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self._db_limiter)
+
+    def background(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+        """Run ``fn(*args)`` in the server's task group, inside an error
+        boundary: whatever it raises is logged and counted, never fatal."""
+        if self._tg is None:
+            return
+
+        async def guarded() -> None:
+            try:
+                await fn(*args)
+            except Exception:
+                self.background_errors += 1
+                log.exception("background task %s failed", getattr(fn, "__name__", fn))
+
+        self._tg.start_soon(guarded)
+
     def callback(self, job_id: int, url: str, output_file: str) -> None:
         """Send the job's callback in the background (not while stopping)."""
-        if self._tg is not None and self.callbacks is not None:
-            self._tg.start_soon(self.callbacks.send, job_id, url, output_file)
+        if self.callbacks is not None:
+            self.background(self.callbacks.send, job_id, url, output_file)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.config.max_upload_bytes)
@@ -164,13 +183,8 @@ class TangoServer:
         created = not lab.is_dir()
         lab.mkdir(mode=0o700, exist_ok=True)
         (lab / "output").mkdir(mode=0o700, exist_ok=True)
-        files = await anyio.to_thread.run_sync(self._md5s, lab)
+        files = await anyio.to_thread.run_sync(lab_md5s, lab)
         return ok("Created directory" if created else "Found directory", files=files)
-
-    @staticmethod
-    def _md5s(lab: Path) -> dict[str, str]:
-        return {p.name: _md5(p) for p in sorted(lab.iterdir()) if p.is_file()
-                and not p.name.startswith(".")}
 
     async def upload(self, request: web.Request) -> web.StreamResponse:
         if not self._key_ok(request):
@@ -191,19 +205,25 @@ class TangoServer:
         h = hashlib.md5()
         size = 0
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with open(fd, "wb") as out:  # noqa: ASYNC230 - small writes, streamed
+            fd = await anyio.to_thread.run_sync(
+                os.open, tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            # the writes in a thread each: the event loop never waits for the disk
+            async with await anyio.open_file(fd, "wb") as out:
                 async for chunk in request.content.iter_chunked(1 << 16):
                     size += len(chunk)
                     if size > limit:
                         return fail(f"File too large: more than {limit} bytes")
                     h.update(chunk)
-                    out.write(chunk)
+                    await out.write(chunk)
             target = lab / name
             digest = h.hexdigest()
-            if target.is_file() and await anyio.to_thread.run_sync(_md5, target) == digest:
+            old = await anyio.to_thread.run_sync(known_md5, lab, name)
+            if old is None and await anyio.Path(target).is_file():
+                old = await anyio.to_thread.run_sync(md5_of, target)
+            if old == digest:
                 return ok("File exists")
-            os.replace(tmp, target)
+            await anyio.to_thread.run_sync(os.replace, tmp, target)
+            await anyio.to_thread.run_sync(record_upload, lab, name, digest)
             return ok("Uploaded file")
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -242,7 +262,7 @@ class TangoServer:
         # A stale output of the same name must not be taken for this job's.
         with contextlib.suppress(FileNotFoundError):
             os.unlink(job.outputFile)
-        job_id = self.store.add(job, key, courselab)
+        job_id = await self.db(self.store.add, job, key, courselab)
         try:
             self.submit(job, key, courselab)
         except PoolClosedError:
@@ -296,7 +316,7 @@ class TangoServer:
             return fail("Invalid job id")
         h = self.manager.scheduler.live.get(job_id)
         if h is None:
-            stored = self.store.get(job_id)
+            stored = await self.db(self.store.get, job_id)
             if stored is None:
                 return fail("Job not found")
             text = ""
@@ -330,6 +350,8 @@ class TangoServer:
             "copyout_errors": c.copyout_errors,
             "num_threads": threading.active_count(),
             "live_jobs": len(self.manager.scheduler.live),
+            "waiting_for_driver": len(self.waiting),
+            "background_errors": self.background_errors,
             "outcomes": dict(c.outcomes),
             "callbacks_sent": self.callbacks.sent if self.callbacks else 0,
             "callbacks_failed": self.callbacks.failed if self.callbacks else 0,
@@ -344,8 +366,10 @@ class TangoServer:
             return fail("deadJobs must be 0 (live jobs) or 1 (dead jobs)")
         if dead == "0":
             jobs = [h.job.to_dict() for h in self.manager.scheduler.live.values()]
+            # and those waiting for their driver (down at the last start)
+            jobs += [j.to_dict() for j in self.waiting.values()]
         else:
-            jobs = [s.job.to_dict() for s in await anyio.to_thread.run_sync(self.store.done)]
+            jobs = [s.job.to_dict() for s in await self.db(self.store.done)]
         return ok("Found list of jobs", jobs=jobs)
 
     async def pool(self, request: web.Request) -> web.StreamResponse:
@@ -443,6 +467,12 @@ class TangoServer:
             name = "vm_creation_failures_total" if k == "failed" else (
                 "jobs_queued" if k == "queued" else f"vms_{k}")
             metric(name, kind, f"Per pool: {k}.", samples)
+        metric("background_errors_total", "counter",
+               "Exceptions caught at the edge of background tasks.",
+               [("", self.background_errors)])
+        metric("jobs_waiting_for_driver", "gauge",
+               "Jobs whose driver was down at the last start, waiting for it.",
+               [("", len(self.waiting))])
         metric("live_jobs", "gauge", "Jobs accepted and not ended.",
                [("", len(self.manager.scheduler.live))])
         sch = self.manager.scheduler
@@ -460,7 +490,7 @@ class TangoServer:
             return
         if r.outcome is Outcome.CANCELLED and self.manager.scheduler.abandoning:
             return  # shutting down: the job stays queued in the store and reruns
-        await anyio.to_thread.run_sync(self.store.finish, h.job, r.outcome.value, r.message)
+        await self.db(self.store.finish, h.job, r.outcome.value, r.message)
         self._live_meta.pop(h.id, None)
         if h.job.notifyURL:
             self.callback(h.id, h.job.notifyURL, h.job.outputFile)
