@@ -12,6 +12,43 @@ KIB = 1024
 MIB = 1024 * KIB
 
 
+def pool_problems(
+    *,
+    min_idle: object,
+    max_size: object,
+    create_concurrency: object,
+    initializevm_timeout: float,
+    waitvm_timeout: float,
+    destroy_timeout: float,
+    backoff_initial: float,
+    backoff_max: float,
+) -> list[str]:
+    """What is wrong with a pool's settings: the rules a Pool applies, also
+    applied to Settings at start (a bad value is refused there, once, naming
+    the setting, not by every addJob that would make a pool)."""
+    problems = []
+    if not isinstance(min_idle, int) or min_idle < 0:
+        problems.append(f"min_idle must be an int >= 0, got {min_idle!r}")
+    if not isinstance(max_size, int) or max_size < 0:
+        problems.append(f"max_size must be an int >= 0, got {max_size!r}")
+    elif isinstance(min_idle, int) and max_size < min_idle:
+        problems.append(f"max_size ({max_size}) must be >= min_idle ({min_idle})")
+    if not isinstance(create_concurrency, int) or create_concurrency < 1:
+        problems.append(f"create_concurrency must be an int >= 1, got {create_concurrency!r}")
+    for label, value in (
+        ("initializevm_timeout", initializevm_timeout),
+        ("waitvm_timeout", waitvm_timeout),
+        ("destroy_timeout", destroy_timeout),
+    ):
+        if not value > 0:
+            problems.append(f"{label} must be > 0, got {value!r}")
+    if not 0 < backoff_initial <= backoff_max:
+        problems.append(
+            f"need 0 < backoff_initial <= backoff_max, got {backoff_initial!r}, {backoff_max!r}"
+        )
+    return problems
+
+
 @dataclass
 class Settings:
     #: system errors are retried on a fresh VM this many times
@@ -28,8 +65,15 @@ class Settings:
     #: bound on destroying one VM (cleanup is bounded too)
     destroy_timeout: float = 30.0
     max_output_file_size: int = 1000 * KIB
+    #: Tango's VM_ULIMIT_FILE_SIZE and VM_ULIMIT_USER_PROC: the autodriver's
+    #: -f and -u, handed to drivers that take ``fsize`` / ``nproc`` (unless
+    #: their own options say otherwise)
     vm_ulimit_file_size: int = 100 * MIB
     vm_ulimit_user_proc: int = 100
+    #: pools a job's spec may make (an image, cores, memory) beyond those
+    #: made on purpose: at most this many, with no warm VM, dropped once idle
+    max_implicit_pools: int = 16
+    implicit_pool_idle: float = 600.0
     #: warm VMs of a pool made on first use
     pool_size: int = 2
     #: cap on VMs of a pool made on first use (0 = same as pool_size, at least 1)
@@ -53,15 +97,22 @@ class Settings:
             v = getattr(self, f.name)
             if isinstance(v, int | float) and not isinstance(v, bool) and v < 0:
                 problems.append(f"{f.name} must be >= 0, got {v!r}")
-        if self.create_concurrency < 1:
-            problems.append(f"create_concurrency must be >= 1, got {self.create_concurrency!r}")
-        if self.backoff_initial > self.backoff_max:
-            problems.append(
-                f"backoff_initial ({self.backoff_initial}) must not exceed backoff_max "
-                f"({self.backoff_max})"
-            )
+        for name in ("runjob_timeout", "copyin_timeout", "copyout_timeout"):
+            if not getattr(self, name) > 0:
+                problems.append(f"{name} must be > 0, got {getattr(self, name)!r}")
+        # what every pool made from these settings must accept
+        size = self.pool_size
+        cap = self.pool_max_size or max(size, 1)
+        for p in pool_problems(
+            min_idle=size, max_size=max(cap, size),
+            create_concurrency=self.create_concurrency,
+            initializevm_timeout=self.initializevm_timeout,
+            waitvm_timeout=self.waitvm_timeout, destroy_timeout=self.destroy_timeout,
+            backoff_initial=self.backoff_initial, backoff_max=self.backoff_max,
+        ):
+            problems.append(p.replace("min_idle", "pool_size").replace("max_size", "pool_max_size"))
         if problems:
-            raise ValueError("invalid settings: " + "; ".join(problems))
+            raise ValueError("invalid settings: " + "; ".join(dict.fromkeys(problems)))
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)

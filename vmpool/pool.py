@@ -27,6 +27,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
+from .config import pool_problems
 from .errors import InitializeVMError, PoolClosedError, VMMSError, VMTimeoutError
 from .models import TangoMachine, pool_name
 from .vmms import VMMS
@@ -206,28 +207,14 @@ class Pool:
     ) -> None:
         if max_size is None:
             max_size = max(min_idle, 1)
-        problems = []
-        if not isinstance(min_idle, int) or min_idle < 0:
-            problems.append(f"min_idle must be an int >= 0, got {min_idle!r}")
-        if not isinstance(max_size, int) or max_size < 0:
-            problems.append(f"max_size must be an int >= 0, got {max_size!r}")
-        elif isinstance(min_idle, int) and max_size < min_idle:
-            problems.append(f"max_size ({max_size}) must be >= min_idle ({min_idle})")
-        if not isinstance(create_concurrency, int) or create_concurrency < 1:
-            problems.append(f"create_concurrency must be an int >= 1, got {create_concurrency!r}")
-        for label, value in (
-            ("initializevm_timeout", initializevm_timeout),
-            ("waitvm_timeout", waitvm_timeout),
-            ("destroy_timeout", destroy_timeout),
-        ):
-            if not value > 0:
-                problems.append(f"{label} must be > 0, got {value!r}")
+        problems = pool_problems(
+            min_idle=min_idle, max_size=max_size, create_concurrency=create_concurrency,
+            initializevm_timeout=initializevm_timeout, waitvm_timeout=waitvm_timeout,
+            destroy_timeout=destroy_timeout, backoff_initial=backoff_initial,
+            backoff_max=backoff_max,
+        )
         if destroy_attempts < 1:
             problems.append(f"destroy_attempts must be >= 1, got {destroy_attempts!r}")
-        if not 0 < backoff_initial <= backoff_max:
-            problems.append(
-                f"need 0 < backoff_initial <= backoff_max, got {backoff_initial!r}, {backoff_max!r}"
-            )
         if problems:
             raise ValueError(f"pool {spec.key}: " + "; ".join(problems))
 

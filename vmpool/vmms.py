@@ -35,11 +35,24 @@ class VMMS(abc.ABC):
 
     ``owner`` identifies the manager that created a VM: drivers attach it to
     every VM they create (label, tag, directory name) so that ``getVMs`` can
-    find them again after a crash.
+    find them again after a crash. Each manager has an owner of its own (a
+    server keeps one across restarts), and VM names never collide between
+    owners.
+
+    Liveness: a driver holds, from before its first VM until :meth:`close`, a
+    proof that its owner is alive (the local driver an ``flock`` on
+    ``<state_dir>/<owner>.lock``; the Docker driver marks each container with
+    its process's boot id, pid and start time). A manager's start-up
+    reconciliation destroys only what :meth:`getOrphans` returns: VMs whose
+    manager is provably gone, never a live one's — whoever it is.
     """
 
     #: name under which the driver is registered (entry point name)
     driver_name: ClassVar[str] = "abstract"
+    #: the most cores and memory (MB) one VM may ask for (None: no limit
+    #: known); a job asking more is refused when it is submitted
+    max_cores: int | None = None
+    max_memory_mb: int | None = None
 
     def __init__(self, *, owner: str | None = None, prefix: str = "local") -> None:
         self.owner = owner or uuid.uuid4().hex[:12]
@@ -88,7 +101,7 @@ class VMMS(abc.ABC):
 
     @abc.abstractmethod
     async def destroyVM(self, vm: TangoMachine) -> None:
-        """Remove the VM."""
+        """Remove the VM (also one of another owner's, as getOrphans gave it)."""
 
     async def safeDestroyVM(self, vm: TangoMachine) -> None:
         """Remove the VM and make sure it is gone (raise DestroyVMError if not)."""
@@ -98,11 +111,19 @@ class VMMS(abc.ABC):
     async def getVMs(self) -> list[TangoMachine]:
         """Every VM this driver's owner has (used to find leaks and orphans)."""
 
-    async def getOrphans(self, known_owners: Sequence[str] | None = None) -> list[TangoMachine]:
-        """VMs left behind by a manager that is gone (same driver, any owner).
+    async def getOrphans(self) -> list[TangoMachine]:
+        """VMs of this driver (any owner) whose manager is provably gone.
 
-        The default finds none; drivers whose VMs outlive the process (Docker
-        containers, sandboxes on disk, EC2 instances) override it.
+        That is: this owner's VMs that this driver instance did not make
+        (left by an earlier process of the same owner, e.g. a restarted
+        server, once the driver has shown that process to be gone), and other
+        owners' VMs whose liveness proof is void (lock free, process gone).
+        Never a VM of a live manager, this one included; when in doubt (no
+        proof either way: another host, an unreadable record) a VM is not an
+        orphan. Each VM returned can be passed to :meth:`destroyVM`.
+
+        The default finds none (nothing is ever destroyed on a guess);
+        drivers whose VMs outlive the process override it.
         """
         return []
 
@@ -147,12 +168,17 @@ def check_dest_name(dest: str) -> str:
 
     Returns the normalised name or raises :class:`UnsafePathError` naming the
     problem. ``a/b`` is allowed (a subdirectory of the job), ``..``, absolute
-    paths, empty names and NUL bytes are not.
+    paths, empty names, NUL bytes and other control characters
+    (\\x01-\\x1f, \\x7f) are not.
     """
     if not isinstance(dest, str) or dest == "":
         raise UnsafePathError("destFile is empty")
     if "\x00" in dest:
         raise UnsafePathError(f"destFile {dest!r} contains a NUL byte")
+    bad = re.search(r"[\x01-\x1f\x7f]", dest)
+    if bad is not None:
+        raise UnsafePathError(
+            f"destFile {dest!r} contains a control character ({bad.group()!r})")
     if dest.startswith("/") or dest.startswith("\\"):
         raise UnsafePathError(f"destFile {dest!r} is an absolute path")
     parts = dest.replace("\\", "/").split("/")

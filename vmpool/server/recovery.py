@@ -42,6 +42,7 @@ async def recover(server: TangoServer) -> tuple[int, int]:
     store, manager = server.store, server.manager
     rerun = complete = 0
     down: dict[str, list[StoredJob]] = {}
+    called: set[int] = set()  # jobs whose callback is on its way already
     for s in await server.db(store.unfinished):
         job = s.job
         if s.id in manager.scheduler.live:
@@ -52,6 +53,7 @@ async def recover(server: TangoServer) -> tuple[int, int]:
                 complete += 1
                 if job.notifyURL:
                     server.callback(s.id, job.notifyURL, job.outputFile)
+                    called.add(s.id)
                 continue
             _remove_stale(job.outputFile)
             job.retries = 0
@@ -75,13 +77,14 @@ async def recover(server: TangoServer) -> tuple[int, int]:
         except Exception as e:
             await cannot_run(server, s, str(e) if isinstance(e, VMPoolError) and str(e)
                              else f"{type(e).__name__}: {e}")
+            called.add(s.id)
     for vmms, waiting in down.items():
         for s in waiting:
             server.waiting[s.id] = s.job
         rerun += len(waiting)
         server.background(_when_driver_answers, server, vmms, waiting)
     for s in await server.db(store.pending_callbacks):
-        if s.job.notifyURL:
+        if s.job.notifyURL and s.id not in called:
             server.callback(s.id, s.job.notifyURL, s.job.outputFile)
     return rerun, complete
 
