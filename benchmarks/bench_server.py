@@ -15,6 +15,9 @@ CPUs). Three phases, each with a fresh server, store and courselab folder:
    end-to-end jobs/s (first addJob sent to the last output file present;
    the client watches the output folder every 2 ms), and GET / latency
    from a probe every 10 ms during the run.
+3. *open*: a lab with ``--handins`` files of 1 MiB, uploaded over HTTP;
+   then ``GET /open`` five times: its latency (Autolab calls it before every
+   upload; Tango reads every file of the lab each time).
 2. *prealloc*: sim driver whose initializeVM takes 0.5 s; ``POST
    /prealloc/<key>/<image>/16`` on a cold server, while the probe sends GET /
    every 10 ms until the pool has 16 free VMs. Reported: the prealloc
@@ -26,7 +29,12 @@ machines) are printed beside them for context: ~4 ms of server time per
 addJob; 4.7 jobs/s with a 50 ms runJob and a pool of 8; pool creation
 synchronous, 8 VMs in 8 s during which GET / got no answer.
 
-    python benchmarks/bench_server.py [--jobs 1000] [--clients 32] [--dir DIR] [--json FILE]
+    python benchmarks/bench_server.py [--jobs 1000] [--clients 32] [--handins 2000]
+                                      [--dir DIR] [--json FILE] [--before REV]
+
+``--before REV`` runs the same phases on a git worktree of an earlier
+revision too (the same script, that revision's vmpool), and reports the two
+side by side.
 
 The store and output files go to a temporary folder on disk by default (the
 SQLite commit of each accepted job is part of what addJob costs); ``--dir``
@@ -50,8 +58,12 @@ import anyio
 
 from vmpool import Settings
 from vmpool.server import serve
-from vmpool.server.config import ServerConfig
 from vmpool.stats import percentile
+
+try:
+    from vmpool.server.config import ServerConfig
+except ImportError:  # a revision from before the server package (--before)
+    from vmpool.serverconfig import ServerConfig  # type: ignore[no-redef]
 
 KEY = "bench"
 LAB = "lab"
@@ -234,6 +246,30 @@ async def wait_free(http: Any, base: str, n: int, limit: float) -> None:
         await anyio.sleep(0.01)
 
 
+async def client_open(port: int, handins: int) -> dict[str, Any]:
+    import aiohttp
+
+    base = f"http://127.0.0.1:{port}"
+    blob = os.urandom(1 << 20)
+    async with aiohttp.ClientSession() as http:
+        await setup_lab(http, base)
+        t0 = time.perf_counter()
+        for i in range(handins):
+            data = i.to_bytes(4, "big") + blob[4:]
+            async with http.post(f"{base}/upload/{KEY}/{LAB}/", data=data,
+                                 headers={"Filename": f"handin{i}.c"}) as r:
+                assert (await r.json())["statusId"] == 0
+        t_up = time.perf_counter()
+        latencies = []
+        for _ in range(5):
+            t = time.perf_counter()
+            async with http.get(f"{base}/open/{KEY}/{LAB}/") as r:
+                answer = await r.json()
+            latencies.append(time.perf_counter() - t)
+            assert len(answer["files"]) == handins + 1
+    return {"handins": handins, "upload_s": round(t_up - t0, 2), "open": stats_ms(latencies)}
+
+
 def count_outputs(outdir: Path) -> int:
     try:
         with os.scandir(outdir) as it:
@@ -247,6 +283,8 @@ def client_main(args: argparse.Namespace) -> None:
         result = anyio.run(client_load, args.port, args.jobs, args.clients, Path(args.outdir))
     elif args.client == "serial":
         result = anyio.run(client_load, args.port, SERIAL_JOBS, 1, Path(args.outdir))
+    elif args.client == "open":
+        result = anyio.run(client_open, args.port, args.handins)
     else:
         result = anyio.run(client_prealloc, args.port)
     print(json.dumps(result))
@@ -290,6 +328,7 @@ async def run_phase(root: Path, phase: str, args: argparse.Namespace) -> dict[st
             await ready.wait()
         cmd = [sys.executable, __file__, "--client", phase, "--port", str(port[0]),
                "--jobs", str(args.jobs), "--clients", str(args.clients),
+               "--handins", str(args.handins),
                "--outdir", str(Path(config.courselabs) / f"{KEY}-{LAB}" / "output")]
         try:
             done = await anyio.run_process(cmd, check=False)
@@ -308,6 +347,7 @@ async def server_main(args: argparse.Namespace) -> dict[str, Any]:
         serial = await run_phase(root / "serial", "serial", args)
         load = await run_phase(root / "load", "load", args)
         prealloc = await run_phase(root / "prealloc", "prealloc", args)
+        opened = await run_phase(root / "open", "open", args)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return {
@@ -318,6 +358,7 @@ async def server_main(args: argparse.Namespace) -> dict[str, Any]:
         "serial": serial,
         "load": load,
         "prealloc": prealloc,
+        "open": opened,
         "tango": TANGO,
     }
 
@@ -348,6 +389,11 @@ def report(r: dict[str, Any]) -> None:
         ("  GET / before (idle) p50 / p99",
          f"{gb['p50_ms']:.1f} / {gb['p99_ms']:.1f} ms", "-"),
     ]
+    if "open" in r:
+        o = r["open"]
+        rows.append((f"open, a lab of {o['handins']:,} handins of 1 MiB, p50 / max",
+                     f"{o['open']['p50_ms']:.1f} / {o['open']['max_ms']:.1f} ms",
+                     "reads every file each time"))
     w0 = max(len(a) for a, _, _ in rows)
     w1 = max(len(b) for _, b, _ in rows)
     print(f"vmpool HTTP server, sim driver: {load['jobs']} addJob from {load['clients']} "
@@ -371,7 +417,11 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=32, help="concurrent clients (default 32)")
     ap.add_argument("--dir", help="where the store and outputs go (default: a temp dir)")
     ap.add_argument("--json", help="write the results to this file")
-    ap.add_argument("--client", choices=["serial", "load", "prealloc"], help=argparse.SUPPRESS)
+    ap.add_argument("--handins", type=int, default=2000,
+                    help="1 MiB files in the lab of the open phase (default 2000)")
+    ap.add_argument("--before", help="also run on a git worktree of this revision")
+    ap.add_argument("--client", choices=["serial", "load", "prealloc", "open"],
+                    help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--outdir", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -379,10 +429,52 @@ def main() -> None:
     if args.client:
         client_main(args)
         return
+    if args.before:
+        compare(args)
+        return
     result = anyio.run(server_main, args)
     report(result)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def compare(args: argparse.Namespace) -> None:
+    """The phases on ``--before`` and on this tree, one after the other."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="vmpool-before-") as tmp:
+        tree = Path(tmp) / "tree"
+        subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", str(tree),
+                        args.before], check=True, capture_output=True)
+        try:
+            for label, path in (("before", tree), ("after", root)):
+                out = Path(tmp) / f"{label}.json"
+                cmd = [sys.executable, __file__, "--jobs", str(args.jobs), "--clients",
+                       str(args.clients), "--handins", str(args.handins), "--json", str(out),
+                       *(["--dir", args.dir] if args.dir else [])]
+                subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(path)}, check=True,
+                               stdout=subprocess.DEVNULL)
+                results[label] = json.loads(out.read_text())
+        finally:
+            subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(tree)],
+                           check=False, capture_output=True)
+    for label in ("before", "after"):
+        print(f"\n== {label} ({args.before if label == 'before' else 'this tree'})")
+        report(results[label])
+    b, a = results["before"], results["after"]
+    print("\nafter / before:")
+    for name, get in (
+        ("addJob requests/s", lambda r: r["load"]["addjob_per_s"]),
+        ("end-to-end jobs/s", lambda r: r["load"]["jobs_per_s"]),
+        ("GET / p99 during prealloc (ms)",
+         lambda r: r["prealloc"]["get_during_prealloc"]["p99_ms"]),
+        ("open p50 (ms)", lambda r: r["open"]["open"]["p50_ms"]),
+    ):
+        print(f"  {name}: {get(b)} -> {get(a)} ({get(a) / get(b):.2f}x)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -309,3 +309,14 @@ async def test_open_keeps_md5s_and_notices_a_changed_file(tmp_path: Path) -> Non
             ["Makefile", "output", *(f"h{i}.c" for i in range(20))])
     assert lab_md5s(lab)["h7.c"] == hashlib.md5(b"handin 7").hexdigest()
 
+
+
+async def test_tangos_ulimit_settings_reach_the_driver(tmp_path: Path) -> None:
+    settings = Settings(default_vmms="local", pool_size=0, vm_ulimit_user_proc=77,
+                        vm_ulimit_file_size=5 * MIB, driver_options={"local": {
+                            "state_dir": str(tmp_path / "state"), "uid_base": 64640,
+                            "uid_count": 2, "nproc": 50}})
+    async with Manager(settings) as mgr:
+        drv = await mgr.driver("local")
+    assert drv.fsize == 5 * MIB  # type: ignore[attr-defined]
+    assert drv.nproc == 50  # type: ignore[attr-defined]  (the driver's own option wins)
