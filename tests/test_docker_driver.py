@@ -641,6 +641,55 @@ async def test_output_flood_is_capped(dock: Dock) -> None:
     assert len(data) <= cap + len(ELISION) + 400
 
 
+async def test_a_64_mib_feedback_and_input_never_sit_in_the_drivers_memory(dock: Dock) -> None:
+    """The input tar and the feedback go through spool files a chunk at a
+    time: Python's allocations during copyIn + runJob + copyOut stay far
+    below the 32 MiB input and the (almost) 64 MiB feedback."""
+    import tracemalloc
+
+    big = dock.tmp / "big.bin"
+    with open(big, "wb") as f:
+        f.truncate(32 * MIB)  # sparse: costs the test nothing
+    makefile = dock.tmp / "Makefile"
+    makefile.write_text("all:\n\t@wc -c < big.bin\n\t@head -c 67000000 /dev/zero | tr '\\0' a\n")
+    cap = 64 * MIB + 4096
+    drv = dock.driver()
+    vm = TangoMachine(name=IMAGE, image=IMAGE, id=1)
+    out = dock.tmp / "out" / "feedback"
+    try:
+        await drv.initializeVM(vm)
+        await drv.waitVM(vm, 20)
+        tracemalloc.start()
+        try:
+            await drv.copyIn(vm, [InputFile(str(makefile), "Makefile"),
+                                  InputFile(str(big), "big.bin")])
+            assert isinstance(vm.driver_data["input_tar"], str)  # a path, not the bytes
+            code = await drv.runJob(vm, 60, cap, True)
+            spooled = vm.driver_data["feedback"]
+            assert isinstance(spooled, str) and Path(spooled).stat().st_size > 63 * MIB
+            await drv.copyOut(vm, str(out))
+            _, peak = tracemalloc.get_traced_memory()
+            spool_dir = Path(spooled).parent
+        finally:
+            tracemalloc.stop()
+        print(f"64 MiB feedback: peak Python allocations {peak / MIB:.2f} MiB")
+        assert code == 0
+        assert peak < 8 * MIB, f"peak Python allocations {peak / MIB:.1f} MiB"
+        assert not Path(spooled).exists()  # copied out and removed
+        with open(out, "rb") as f:
+            head = f.read(100)
+            f.seek(-10, os.SEEK_END)
+            tail = f.read()
+        assert head.startswith(b"Autodriver: Job exited with status 0\n33554432\naaaa"), head
+        assert tail == b"a" * 10
+        status = b"Autodriver: Job exited with status 0\n33554432\n"
+        assert out.stat().st_size == len(status) + 67_000_000  # (the cap is 64 MiB)
+    finally:
+        await drv.destroyVM(vm)
+        await drv.close()
+    assert not spool_dir.exists()  # the driver's spool directory goes with it
+
+
 # --------------------------------------------------------------------------
 # 7. crash recovery
 

@@ -338,6 +338,7 @@ async def test_orphans_of_a_crashed_run_are_destroyed(new_job: JobFactory, fast:
     crashed = SimVMMS(owner="me", world=world)
     for i in (3, 4, 5):
         await crashed.initializeVM(TangoMachine(name="img", image="img.img", id=i))
+    await crashed.close()  # the crash: its VMs stay
     stranger = SimVMMS(owner="someone-else", world=world)
     await stranger.initializeVM(TangoMachine(name="img", image="img.img", id=1))
     assert len(world.live) == 4

@@ -5,7 +5,9 @@ its own event loop); requests are written by hand on a raw socket, so that
 any method, request target and header value reaches aiohttp as generated:
 paths built from the route templates with odd segments (``..``,
 ``%2e%2e``, encoded slashes and NULs, very long, unicode), odd ``Filename``
-headers, random bodies and addJob objects with wrong types.
+headers, random bodies and addJob objects with wrong types; names with
+control characters (a newline in ``output_file`` once ended the server when
+its callback was sent); callbacks to a listener on 127.0.0.1 that answers.
 
 For every request:
 
@@ -16,9 +18,11 @@ For every request:
 - no answer says ``Internal error`` (the catch-all for a bug of ours);
 - a request to a route's own method with well-formed segments is never a
   404/405: only unknown paths and methods get the router's answer;
-- nothing in vmpool logs an error.
+- nothing in vmpool logs an error;
+- the server still answers ``GET /`` (after every example: a job's
+  background work, such as its callback, must not end it).
 
-Afterwards the server still answers ``GET /``, every file it wrote is in a
+Afterwards every file it wrote is in a
 courselab folder of a configured key (no path escaped), and it shuts down
 cleanly.
 """
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import http.server
 import json
 import logging
 import os
@@ -49,6 +54,7 @@ from hypothesis import strategies as st
 from vmpool import Settings
 from vmpool.server import HELLO, serve
 from vmpool.server.config import ServerConfig
+from vmpool.server.labs import INDEX_DIR
 
 KEY = "fuzzkey"
 LAB = "lab"
@@ -126,6 +132,37 @@ class Answer:
     status: int
     content_type: str
     body: bytes
+
+
+class CallbackSink:
+    """Takes every callback (any POST) on 127.0.0.1 and answers 200."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                outer.count += 1
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/cb"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+SINK = CallbackSink()
 
 
 def send(port: int, method: str, target: bytes, headers: list[tuple[bytes, bytes]],
@@ -274,7 +311,8 @@ json_any = st.recursive(
 )
 file_name_value = st.one_of(
     st.sampled_from(["Makefile", "out.txt", "", ".", "..", "../x", "a/b", "..hidden",
-                     ".hidden", "a" * 300, "\x00", "a\x00b", "\ud800", "é", "Makefile/"]),
+                     ".hidden", "a" * 300, "\x00", "a\x00b", "\ud800", "é", "Makefile/",
+                     "a\nb", "a\r\nFilename: x", "a\tb", "a\x7fb", "\x1b[2J", "\udc80"]),
     st.text(max_size=20),
     json_any,
 )
@@ -292,7 +330,9 @@ good_job: dict[str, st.SearchStrategy[Any]] = {
                                           float("inf"), float("-inf"), 10**400, 1e-300]),
                          json_scalar),
     "max_kb": json_scalar,
-    "callback_url": st.one_of(st.sampled_from(["http://127.0.0.1:1/cb", "ftp://x", ""]),
+    "callback_url": st.one_of(st.sampled_from([SINK.url, SINK.url, "http://127.0.0.1:1/cb",
+                                               "ftp://x", "", "http://127.0.0.1:99999/cb",
+                                               "http://[::1/cb"]),
                               json_scalar),
     "notifyURL": json_scalar,
     "disable_network": json_scalar,
@@ -341,7 +381,8 @@ bodies = st.one_of(
 header_values = st.one_of(
     st.sampled_from([b"", b".", b"..", b"../x", b"../../etc/passwd", b"a/b", b"a\\b",
                      b".hidden", b"x" * 300, b"x" * 5000, b"\xff\xfe", "\u00e9".encode(),
-                     b" ", b"\t", b"Makefile", b"out.txt", b"a\x00b", b"%2e%2e", b"a\rb"]),
+                     b" ", b"\t", b"Makefile", b"out.txt", b"a\x00b", b"%2e%2e", b"a\rb",
+                     b"a\tb", b"a\x7fb", b"\x1b[2J"]),
     st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=30)
     .map(str.encode),
 )
@@ -480,6 +521,10 @@ def test_fuzz_the_http_api(server: tuple[ServerThread, Path]) -> None:
         @example(req=add_job_req(job_json(timeout=10**400)))
         @example(req=add_job_req(job_json(output_file="\ud800")))
         @example(req=add_job_req(job_json(output_file="x" * 256)))
+        @example(req=add_job_req(job_json(output_file="a\nb", callback_url=SINK.url)))
+        @example(req=add_job_req(job_json(output_file="cb.out", callback_url=SINK.url)))
+        @example(req=Req("POST", f"/upload/{KEY}/{LAB}/".encode(), [(b"Filename", b"a\tb")],
+                         b"x", True, ROUTES[2][1]))
         @example(req=Req("GET", f"/open/{KEY}/{'a' * 256}/".encode(), [], b"", True,
                          ROUTES[1][1]))
         @example(req=Req("POST", f"/upload/{KEY}/{LAB}/".encode(), [(b"Filename", b"x" * 256)],
@@ -496,6 +541,8 @@ def test_fuzz_the_http_api(server: tuple[ServerThread, Path]) -> None:
                     messages[msg] = messages.get(msg, 0) + 1
             check(req, a)
             assert errors.request_errors(since) == []
+            alive = send(srv.port, "GET", b"/", [], b"")
+            assert (alive.status, alive.body) == (200, HELLO.encode()), "the server is down"
 
         fuzz()
         print(f"\nstatuses: {dict(sorted(seen.items()))}\nanswers: {messages}")
@@ -514,12 +561,16 @@ def test_fuzz_the_http_api(server: tuple[ServerThread, Path]) -> None:
             elif d == root / "db":
                 assert all(f.startswith("jobs.sqlite") for f in files) and dirs == []
             elif d == labs:
-                assert files == [] and all(x.startswith(f"{KEY}-") for x in dirs), dirs
+                assert files == [] and all(x.startswith(f"{KEY}-") or x == INDEX_DIR
+                                           for x in dirs), dirs
+            elif d == labs / INDEX_DIR:  # the md5s that open answers with, per lab
+                assert dirs == [] and all(f.startswith(f"{KEY}-") for f in files), files
             elif d.parent == labs:
                 assert dirs == ["output"], (d, dirs)
             else:
                 assert d.parent.parent == labs and d.name == "output" and dirs == [], d
         srv.close()
+        assert SINK.count > 0  # callbacks were delivered, not only tried
     finally:
         vmpool_log.removeHandler(errors)
         parser_log.setLevel(parser_level)

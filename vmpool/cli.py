@@ -203,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the Tango-compatible HTTP server")
     serve.add_argument("--config", help="TOML configuration file (see vmpool.server.config)")
     serve.add_argument("--port", type=int, help="override server.port")
+    serve.add_argument("--host", help="override server.host (the address to listen on)")
     return ap
 
 
@@ -214,7 +215,9 @@ def run_server(args: argparse.Namespace) -> int:
         config = load_config(args.config)
         if args.port is not None:
             config.port = args.port
-            config.validate()
+        if args.host is not None:
+            config.host = args.host
+        config.validate()
     except ConfigError as e:
         print(f"vmpool serve: bad configuration: {e}", file=sys.stderr)
         return 2

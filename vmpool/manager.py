@@ -13,8 +13,11 @@ destroys every VM and awaits every task.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import socket
+import time
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,12 +25,12 @@ import anyio
 import anyio.abc
 
 from .config import Settings
-from .errors import PoolClosedError, UnknownImageError
+from .errors import JobError, PoolClosedError, UnknownImageError
 from .models import InputFile, TangoJob, TangoMachine
 from .pool import Pool, PoolSpec, PoolStatus
-from .registry import load_driver
+from .registry import driver_factory, load_driver
 from .scheduler import JobHandle, OnDone, Scheduler
-from .vmms import VMMS
+from .vmms import VMMS, safe_name
 
 log = logging.getLogger("vmpool.manager")
 
@@ -51,13 +54,22 @@ class Manager:
         reconcile: bool = True,
     ) -> None:
         self.settings = settings or Settings()
-        self.owner = owner or f"vmpool-{socket.gethostname()}-{self.settings.prefix}"
+        #: whose VMs this manager's drivers make: its own (a fresh one unless
+        #: given: two managers never share one by accident, and a restarted
+        #: server passes the one it persisted)
+        self.owner = owner or new_owner(self.settings.prefix)
         self._drivers: dict[str, VMMS] = dict(drivers or {})
         self._reconciled: set[str] = set()
         self._ready: dict[str, VMMS] = {}
         self._images: dict[str, list[str] | None] = {}
         self._driver_lock = anyio.Lock()
         self.pools: dict[PoolSpec, Pool] = {}
+        #: (image, driver) -> the spec of the image's pool: where jobs that
+        #: name no cores, memory or network go (prealloc sets it, as Tango's)
+        self._image_specs: dict[tuple[str, str], PoolSpec] = {}
+        #: pools a job's own spec made -> when last used (monotonic)
+        self._implicit: dict[PoolSpec, float] = {}
+        self._sweeper = anyio.CancelScope()  # the idle-pool sweep, cancelled at close
         self._on_done = list(on_done)
         self._first_job_id = first_job_id
         self._reconcile = reconcile
@@ -78,6 +90,7 @@ class Manager:
             first_job_id=self._first_job_id,
             on_done=self._on_done,
         )
+        self._tg.start_soon(self._drop_idle_pools)
         try:
             for name in list(self._drivers):
                 await self.driver(name)
@@ -94,6 +107,7 @@ class Manager:
         if self._closed or self._tg is None:
             return
         self._closed = True
+        self._sweeper.cancel()
         tg = self._tg
         try:
             with anyio.CancelScope(shield=True):
@@ -128,6 +142,13 @@ class Manager:
                 options = dict(self.settings.driver_options.get(name, {}))
                 options.setdefault("owner", self.owner)
                 options.setdefault("prefix", self.settings.prefix)
+                # Tango's VM_ULIMIT_* settings: the autodriver's -f and -u,
+                # for drivers that take them (their own options win)
+                takes = _parameters(driver_factory(name))
+                for option, value in (("fsize", self.settings.vm_ulimit_file_size),
+                                      ("nproc", self.settings.vm_ulimit_user_proc)):
+                    if option in takes:
+                        options.setdefault(option, value)
                 drv = load_driver(name, **options)
                 self._drivers[name] = drv
             if name not in self._reconciled:
@@ -144,19 +165,23 @@ class Manager:
             return drv
 
     async def _reconcile_driver(self, drv: VMMS) -> None:
-        """Destroy VMs of this owner that no pool owns (left by a crashed run)."""
+        """Destroy the driver's orphans: VMs whose manager is provably gone
+        (this owner's from an earlier process, or a dead owner's), never a
+        live manager's (see VMMS.getOrphans)."""
         try:
             with anyio.fail_after(self.settings.destroy_timeout):
                 found = await drv.getVMs()
+                orphans = await drv.getOrphans()
         except (Exception, TimeoutError) as e:
             log.warning("driver %s: listing VMs for reconciliation failed: %s",
                         drv.driver_name, e)
             return
-        owned = {(vm.name, vm.id) for p in self.pools.values() for vm in p.inventory()}
-        orphans = [vm for vm in found if (vm.name, vm.id) not in owned]
+        owned = {vm.instance_id for p in self.pools.values() if p.spec.vmms == drv.driver_name
+                 for vm in p.inventory() if vm.instance_id}
+        orphans = [vm for vm in orphans if vm.instance_id is None or vm.instance_id not in owned]
         if orphans:
-            log.info("driver %s: destroying %d VMs left by an earlier run", drv.driver_name,
-                     len(orphans))
+            log.info("driver %s: destroying %d VMs left by managers that are gone",
+                     drv.driver_name, len(orphans))
         for vm in orphans:
             try:
                 with anyio.fail_after(self.settings.destroy_timeout):
@@ -245,13 +270,105 @@ class Manager:
             )
 
     def pool_for_job(self, job: TangoJob) -> Pool:
+        """The pool a job runs in.
+
+        A job that names no cores, memory or network runs in its image's
+        pool (the one prealloc sized, whatever its spec, as in Tango). One
+        that names them runs in the pool made on purpose for that spec, or
+        else in an *implicit* pool: no warm VM, dropped once idle for
+        ``implicit_pool_idle`` seconds, at most ``max_implicit_pools`` of
+        them (so 50 slightly different jobs never mean 50 pools of warm VMs).
+        """
         spec = PoolSpec.from_machine(job.vm, self.settings.default_vmms)
         self.check_image(spec)
-        return self.pool(spec)
+        self.check_limits(spec)
+        if spec.cores is None and spec.memory is None and spec.network is None:
+            return self.pool(self._image_specs.get((spec.image, spec.vmms), spec))
+        if spec in self.pools and spec not in self._implicit:
+            return self.pools[spec]
+        return self._implicit_pool(spec)
+
+    def check_limits(self, spec: PoolSpec) -> None:
+        """Refuse cores or memory beyond what the driver can give one VM."""
+        drv = self._drivers.get(spec.vmms)
+        problems = []
+        for label, asked, most in (("cores", spec.cores, getattr(drv, "max_cores", None)),
+                                   ("memory", spec.memory, getattr(drv, "max_memory_mb", None))):
+            if asked is not None and most is not None and asked > most:
+                unit = " MB" if label == "memory" else ""
+                problems.append(f"'{label}' {asked}{unit} is more than driver {spec.vmms!r} "
+                                f"can give a VM ({most}{unit})")
+        if problems:
+            raise JobError(problems)
+
+    def _implicit_pool(self, spec: PoolSpec) -> Pool:
+        now = time.monotonic()
+        if spec not in self.pools:
+            if len(self._implicit) >= self.settings.max_implicit_pools:
+                # room first: drop every implicit pool that is idle right now
+                for idle in [s for s in self._implicit if self._idle(s)]:
+                    self._drop(idle)
+            if len(self._implicit) >= self.settings.max_implicit_pools:
+                raise JobError(
+                    f"too many distinct VM specs at once: {len(self._implicit)} pools made "
+                    "by jobs' cores/memory are in use (setting max_implicit_pools); "
+                    "try again later, or preallocate a pool for this spec"
+                )
+            cap = self.settings.pool_max_size or max(self.settings.pool_size, 1)
+            self.pool(spec, size=0, max_size=cap)
+        self._implicit[spec] = now
+        return self.pools[spec]
+
+    def _idle(self, spec: PoolSpec) -> bool:
+        """No VM of the pool in use or on its way, and no live job for it
+        (one just submitted may not be waiting for a VM yet)."""
+        pool = self.pools.get(spec)
+        if pool is None:
+            return True
+        st = pool.status()
+        if st.busy or st.waiting or st.creating:
+            return False
+        default = self.settings.default_vmms
+        return not any(
+            h.job.vm is not None and PoolSpec.from_machine(h.job.vm, default) == spec
+            for h in (self._scheduler.live.values() if self._scheduler else ())
+        )
+
+    def _drop(self, spec: PoolSpec) -> None:
+        """Forget an implicit pool and close it in the background."""
+        self._implicit.pop(spec, None)
+        pool = self.pools.pop(spec, None)
+        if pool is not None and self._tg is not None:
+            log.info("pool %s dropped (made by a job's spec, now idle)", spec.key)
+            self._tg.start_soon(pool.close)
+
+    async def _drop_idle_pools(self) -> None:
+        """Every so often, drop the implicit pools idle for long enough."""
+        every = max(0.05, min(30.0, self.settings.implicit_pool_idle / 4))
+        with self._sweeper:
+            while not self._closed:
+                await anyio.sleep(every)
+                now = time.monotonic()
+                for spec, used in list(self._implicit.items()):
+                    if not self._idle(spec):
+                        self._implicit[spec] = now
+                    elif now - used >= self.settings.implicit_pool_idle:
+                        self._drop(spec)
 
     async def resize(self, image: str, size: int, **spec: Any) -> Pool:
-        """Tango's prealloc: SET the size of ``image``'s pool. Returns at once."""
+        """Tango's prealloc: SET the size of ``image``'s pool. Returns at once.
+
+        With cores/memory/network the image's pool becomes one of that spec
+        (Tango's prealloc sizes the image's pool with the VM it describes):
+        the image's earlier pool, if of another spec, is drained.
+        """
         pool = await self.ensure_pool(image, **spec)
+        key = (pool.spec.image, pool.spec.vmms)
+        old = self._image_specs.get(key, PoolSpec(pool.spec.image, pool.spec.vmms))
+        self._image_specs[key] = pool.spec
+        self._implicit.pop(pool.spec, None)  # made on purpose now
+        if old != pool.spec and old in self.pools:
+            self.pools[old].resize(0)
         pool.resize(size)
         return pool
 
@@ -282,6 +399,19 @@ class Manager:
     async def join(self) -> None:
         """Wait until every accepted job has ended."""
         await self.scheduler.join()
+
+
+def new_owner(prefix: str = "local") -> str:
+    """A fresh owner id, ``vmpool-<host>-<prefix>-<8 hex digits>``."""
+    return safe_name(f"vmpool-{socket.gethostname()}-{prefix}-{uuid.uuid4().hex[:8]}")
+
+
+def _parameters(factory: Any) -> set[str]:
+    """The keyword arguments a driver's constructor takes (none if unknown)."""
+    try:
+        return set(inspect.signature(factory).parameters)
+    except (TypeError, ValueError):
+        return set()
 
 
 def make_job(
@@ -315,4 +445,4 @@ def make_job(
     )
 
 
-__all__ = ["Manager", "make_job"]
+__all__ = ["Manager", "make_job", "new_owner"]

@@ -43,7 +43,7 @@ class Histogram:
         name = prefix + self.name
         lines = [f"# HELP {name} {self.help}", f"# TYPE {name} histogram"]
         for value, (counts, (total, n)) in sorted(self._series.items()):
-            lab = f'{self.label}="{_escape(value)}"'
+            lab = f'{self.label}="{escape_label_value(value)}"'
             running = 0
             for bound, c in zip(self.buckets, counts, strict=False):
                 running += c
@@ -54,5 +54,6 @@ class Histogram:
         return lines
 
 
-def _escape(value: str) -> str:
+def escape_label_value(value: str) -> str:
+    """A label value in Prometheus' text format: backslash, quote and newline escaped."""
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

@@ -116,10 +116,18 @@ class TangoJob:
         }
 
 
-def pool_name(image: str) -> str:
-    """Tango's pool key: the image name with its extension stripped (``rhel.img`` -> ``rhel``).
+#: disk-image extensions Tango's VMMSs name images with; only these are stripped
+IMAGE_EXTENSIONS = frozenset({".img", ".qcow2", ".qcow", ".raw", ".vmdk", ".vdi", ".iso"})
 
-    Tango strips with ``os.path.splitext``; so does this, so that pool names
-    reported over the API are the ones Tango users already see.
+
+def pool_name(image: str) -> str:
+    """Tango's pool key: the image name with its extension stripped
+    (``autograding_image.img`` -> ``autograding_image``).
+
+    Tango strips whatever follows the last ``.`` (``os.path.splitext``),
+    which makes one pool of ``grader:1.1`` and ``grader:1.2``; here only a
+    disk-image extension is stripped, so that Docker tags with dots stay
+    distinct pools while the names Tango users see for VM images are kept.
     """
-    return os.path.splitext(image)[0] or image
+    stem, ext = os.path.splitext(image)
+    return stem if stem and ext.lower() in IMAGE_EXTENSIONS else image

@@ -7,10 +7,21 @@ autodriver needs, and ``no-new-privileges``.
 
 The engine does about 30 operations a second on two cores whatever the
 concurrency, so a job costs it as few round trips as possible: copyIn only
-builds a tar in memory, runJob is ONE exec that unpacks that tar (the job's
-files and vmpool's autodriver) from its stdin and runs the autodriver,
-whose feedback comes back on its stdout and is kept until copyOut writes it
-to the host. The exec's exit code is the autodriver's (Tango loses it).
+writes a tar (the job's files and vmpool's autodriver) to a spool file,
+runJob is ONE exec that unpacks that tar from its stdin (sent a chunk at a
+time) and runs the autodriver, whose feedback comes back on its stdout and
+is written to a spool file as it arrives, until copyOut copies it to the
+host: neither the input nor a 64 MiB feedback is ever held in memory. The
+spool files live in a private (0700) directory of the driver's, under
+``spool_dir`` (default: the system's temporary directory), removed at
+close, or by a later driver if this one's process died. The exec's exit
+code is the autodriver's (Tango loses it).
+
+Every container is labelled with its owner and with the identity of the
+process that made it (``vmpool.process``: host, boot id, pid namespace,
+pid, start time, and a nonce per driver): :meth:`DockerVMMS.getOrphans`
+returns the containers whose maker is provably gone (see
+:mod:`drivers.liveness`), whoever owned them.
 
 An exec'd process cannot be killed through the engine, so a job's deadline
 is enforced twice: by the autodriver inside, and by cancellation outside —
@@ -56,10 +67,15 @@ import logging
 import os
 import re
 import shlex
+import shutil
 import tarfile
+import tempfile
+import threading
 import time
+import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import Any, BinaryIO, ClassVar
 
 import aiodocker
 import anyio
@@ -69,6 +85,7 @@ from aiodocker.exceptions import DockerError
 
 from autodriver import COMPILE_PY
 from autodriver import SOURCE as AUTODRIVER
+from drivers import liveness
 from drivers.policy import (
     AUTODRIVER_CAPS,
     DEFAULT_DISK_QUOTA,
@@ -128,6 +145,11 @@ LABEL_POOL = "vmpool.pool"
 LABEL_VM = "vmpool.vm"
 LABEL_IMAGE = "vmpool.image"
 LABEL_UID = "vmpool.uid"
+#: the process (and driver) that made the container, alive or not: see
+#: drivers.liveness.process_mark
+LABEL_PROCESS = "vmpool.process"
+#: a job's input tar and feedback go through files of this many bytes a write
+SPOOL_CHUNK = 256 * KIB
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -149,6 +171,7 @@ class DockerVMMS(VMMS):
         cpu_seconds: int = 0,
         grading_user: str = "autograde",
         feedback_cap: int = 64 * MIB,
+        spool_dir: str | None = None,
         env: Mapping[str, str] | None = None,
         seccomp_profile: str | None = None,
         seccomp: bool = True,
@@ -216,6 +239,17 @@ class DockerVMMS(VMMS):
         self._verified_images: set[str] = set()
         #: the autodriver compiled by each image's Python (unchecked-hash .pyc)
         self._compiled: dict[str, bytes] = {}
+        # Alive until close: containers marked with this driver's nonce are
+        # not orphans (see drivers.liveness), whoever asks.
+        self._nonce = uuid.uuid4().hex[:12]
+        liveness.register(self._nonce)
+        self._mark = liveness.process_mark(self._nonce)
+        #: where input tars and feedback wait between copyIn, runJob and
+        #: copyOut (a private directory in it, made on first use)
+        self.spool_root = Path(spool_dir or tempfile.gettempdir())
+        self._spool: Path | None = None
+        self._spool_lock: liveness.OwnerLock | None = None
+        self._spool_guard = threading.Lock()
 
     # ----------------------------------------------------------- helpers
 
@@ -227,6 +261,9 @@ class DockerVMMS(VMMS):
         return self._docker
 
     async def close(self) -> None:
+        liveness.unregister(self._nonce)
+        if self._spool is not None:
+            await anyio.to_thread.run_sync(self._remove_spool)
         if self._docker is not None:
             docker, self._docker = self._docker, None
             await docker.close()
@@ -256,7 +293,9 @@ class DockerVMMS(VMMS):
         return self._uids
 
     def _holder(self, vm: TangoMachine) -> str:
-        return f"docker:{self.owner}/{vm.driver_data.get('cname') or self.container_name(vm)}"
+        # (an orphan's owner is another's)
+        owner = vm.driver_data.get("owner") or self.owner
+        return f"docker:{owner}/{vm.driver_data.get('cname') or self.container_name(vm)}"
 
     def _claim_uid(self, holder: str) -> int:
         registry = self._registry()
@@ -382,6 +421,7 @@ class DockerVMMS(VMMS):
     async def initializeVM(self, vm: TangoMachine) -> None:
         if not vm.image:
             raise InitializeVMError("the VM names no image")
+        liveness.register(self._nonce)  # (again, for a driver used after close)
         await self._env_of_image(vm.image)
         name = self.container_name(vm)
         vm.driver_data["cname"] = name
@@ -406,6 +446,7 @@ class DockerVMMS(VMMS):
                     LABEL_VM: str(vm.id),
                     LABEL_IMAGE: vm.image,
                     LABEL_UID: str(uid),
+                    LABEL_PROCESS: self._mark,
                 },
                 "HostConfig": self._host_config(vm, uid, protect),
             }
@@ -518,7 +559,7 @@ class DockerVMMS(VMMS):
                 "User": "root",
                 "NetworkDisabled": True,
                 "Labels": {LABEL_OWNER: self.owner, LABEL_POOL: "vmpool-scan",
-                           LABEL_IMAGE: image},
+                           LABEL_IMAGE: image, LABEL_PROCESS: self._mark},
                 "HostConfig": {
                     "NetworkMode": "none", "CapDrop": ["ALL"], "CapAdd": ["DAC_OVERRIDE"],
                     "SecurityOpt": ["no-new-privileges"], "Memory": 256 * MIB,
@@ -555,8 +596,10 @@ class DockerVMMS(VMMS):
             )
 
     async def copyIn(self, vm: TangoMachine, inputFiles: Sequence[InputFile]) -> None:
-        # Nothing reaches the engine here: the tar rides on runJob's exec.
+        # Nothing reaches the engine here: the tar, written to a spool file
+        # (the files are read now, a chunk at a time), rides on runJob's exec.
         check_input_files(inputFiles)
+        self._drop_spooled(vm, "input_tar")
         try:
             vm.driver_data["input_tar"] = await anyio.to_thread.run_sync(
                 self._input_tar, list(inputFiles), vm.image
@@ -564,10 +607,21 @@ class DockerVMMS(VMMS):
         except OSError as e:
             raise CopyInError(f"reading input files: {e}", status=e.errno or -1) from e
 
-    def _input_tar(self, files: list[InputFile], image: str | None = None) -> bytes:
-        buf = io.BytesIO()
+    def _input_tar(self, files: list[InputFile], image: str | None = None) -> str:
+        """The tar of the job's files (and the autodriver), in a spool file: its path."""
+        fd, path = tempfile.mkstemp(prefix="input-", suffix=".tar", dir=self._spool_dir())
+        try:
+            with os.fdopen(fd, "wb") as out:
+                self._write_tar(out, files, image)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+        return path
+
+    def _write_tar(self, out: BinaryIO, files: list[InputFile], image: str | None) -> None:
         now = time.time()
-        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
             if not self.image_autodriver:
                 code = self._compiled.get(image or "")
                 name, program = (
@@ -583,8 +637,48 @@ class DockerVMMS(VMMS):
                     size = os.fstat(data.fileno()).st_size
                     info = tarfile.TarInfo(dest)
                     info.size, info.mode, info.mtime = size, 0o644, now
-                    tar.addfile(info, data)
-        return buf.getvalue()
+                    tar.addfile(info, data)  # copied in chunks, never whole
+
+    # ----------------------------------------------------------- spool files
+
+    def _spool_dir(self) -> Path:
+        """This driver's private directory (0700) for input tars and feedback,
+        made on first use (in a thread: it touches the disk). Its lock, held
+        until close, tells a later driver whether the directory is a crashed
+        process's (then removed)."""
+        with self._spool_guard:  # copyIns run in threads, several at once
+            if self._spool is None:
+                self._sweep_spool()
+                d = Path(tempfile.mkdtemp(prefix="vmpool-docker-", dir=self.spool_root))
+                lock = liveness.OwnerLock(d / ".lock")
+                lock.acquire()
+                self._spool, self._spool_lock = d, lock
+            return self._spool
+
+    def _sweep_spool(self) -> None:
+        """Remove the spool directories of drivers whose process is gone."""
+        with contextlib.suppress(OSError):
+            for d in self.spool_root.glob("vmpool-docker-*"):
+                if d.is_dir() and not d.is_symlink():
+                    with liveness.dead_owner(d / ".lock") as dead:
+                        if dead:
+                            shutil.rmtree(d, ignore_errors=True)
+
+    def _remove_spool(self) -> None:
+        d, self._spool = self._spool, None
+        if d is not None:
+            shutil.rmtree(d, ignore_errors=True)
+        if self._spool_lock is not None:
+            self._spool_lock.release()
+            self._spool_lock = None
+
+    @staticmethod
+    def _drop_spooled(vm: TangoMachine, key: str) -> None:
+        """Forget (and remove) the VM's spool file ``key``, if any."""
+        path = vm.driver_data.pop(key, None)
+        if path:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
     async def runJob(
         self, vm: TangoMachine, runTimeout: float, maxOutputFileSize: int, disableNetwork: bool
@@ -593,9 +687,19 @@ class DockerVMMS(VMMS):
             # The network is the pool's (fixed at creation); a job that must
             # have none cannot run on a host-network container.
             raise RunJobError("the job disables the network but its pool uses host networking")
-        data = vm.driver_data.pop("input_tar", None)
-        if data is None:
-            data = self._input_tar([], vm.image)
+        self._drop_spooled(vm, "feedback")  # an earlier job's, never copied out
+        tar = vm.driver_data.pop("input_tar", None)
+        if tar is None:
+            tar = await anyio.to_thread.run_sync(self._input_tar, [], vm.image)
+        try:
+            return await self._run_job(vm, Path(tar), runTimeout, maxOutputFileSize)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tar)
+
+    async def _run_job(
+        self, vm: TangoMachine, tar: Path, runTimeout: float, maxOutputFileSize: int
+    ) -> int:
         limits = [
             "-u", str(self.nproc), "-f", str(self.fsize), "-t", format_seconds(runTimeout),
             "-o", str(maxOutputFileSize),
@@ -633,16 +737,22 @@ class DockerVMMS(VMMS):
             f'{OOM_COUNT}; b=$n; "$@"; s=$?; {OOM_COUNT}; echo "{OOM_MARK} $b $n" >&2; exit $s'
         )
         cap = maxOutputFileSize + 64 * KIB if maxOutputFileSize else self.feedback_cap
+        # The feedback goes to a spool file as it comes (copyOut copies it):
+        # a 64 MiB flood never sits in memory.
+        feedback = _Spool(self._spool_dir() / f"feedback-{uuid.uuid4().hex}",
+                          min(cap, self.feedback_cap))
         image = self._image_env.get(vm.image or "", {})
         exec_env = {**SANDBOX_ENV, "PATH": image.get("PATH") or DEFAULT_PATH}
         try:
-            code, out, err = await self._exec(
-                vm, ["sh", "-c", script, "vmpool", *run], stdin=data, out_cap=cap,
+            code, _, err = await self._exec(
+                vm, ["sh", "-c", script, "vmpool", *run], stdin=tar, out=feedback,
                 env=exec_env,
             )
-        except DockerError as e:
-            raise RunJobError(f"exec in {vm.driver_data.get('cname')}: {e.message}") from e
-        except BaseException:
+            await feedback.finish()
+        except BaseException as e:
+            feedback.discard()
+            if isinstance(e, DockerError):
+                raise RunJobError(f"exec in {vm.driver_data.get('cname')}: {e.message}") from e
             # Cancelled (the outer deadline) or failed half-way: stop
             # everything the job started now; the pool destroys the VM.
             with (
@@ -651,28 +761,33 @@ class DockerVMMS(VMMS):
                 contextlib.suppress(DockerError),
             ):
                 await self._container(vm).kill(signal="SIGKILL")
+            if isinstance(e, OSError):  # the spool files (a full disk?)
+                raise RunJobError(f"spooling the job's input or feedback: {e}") from e
             raise
         err, oom_killed = _oom_kills(err)
         memory = int((vm.memory or self.memory_mb) * MIB)
-        if code is None or code == UNPACK_FAILED or code >= 126 or not out:
+        if code is None or code == UNPACK_FAILED or code >= 126 or not feedback.size:
             if oom_killed and code is not None and code != UNPACK_FAILED:
                 # The container ran out of memory and the kernel killed the
                 # autodriver itself (it is the biggest process when the job is
                 # many small ones). The job's doing, not the VM's: no retry,
                 # and the feedback says what happened.
-                vm.driver_data["feedback"] = (
+                text = (
                     f"Autodriver: memory limit of {memory} bytes exceeded\n"
                     f"Autodriver: the container ran out of memory and the autodriver was "
                     f"killed (exit {code}); the job's output is lost\n"
                 ).encode()
+                await anyio.to_thread.run_sync(feedback.path.write_bytes, text)
+                vm.driver_data["feedback"] = str(feedback.path)
                 return code
+            feedback.discard()
             detail = err.decode(errors="replace").strip()[:500]
             raise RunJobError(
                 f"the autodriver did not run (exit {code}): {detail or 'no output'}"
             )
         if oom_killed:
-            out = add_memory_line(out, memory)
-        vm.driver_data["feedback"] = out
+            await anyio.to_thread.run_sync(_add_memory_line_to, feedback.path, memory)
+        vm.driver_data["feedback"] = str(feedback.path)
         return code
 
     def _setup_script(self, vm: TangoMachine) -> str:
@@ -705,20 +820,27 @@ class DockerVMMS(VMMS):
         vm: TangoMachine,
         cmd: list[str],
         *,
-        stdin: bytes | None = None,
+        stdin: bytes | Path | None = None,
         out_cap: int = 64 * KIB,
+        out: _Spool | None = None,
         env: Mapping[str, str] | None = None,
     ) -> tuple[int | None, bytes, bytes]:
-        """Run ``cmd`` in the container: (exit code, stdout, stderr), capped."""
+        """Run ``cmd`` in the container: (exit code, stdout, stderr), capped.
+
+        ``stdin``: bytes, or a file sent a chunk at a time; ``out``: where
+        stdout goes instead of memory (then none is returned)."""
         exe = await self._container(vm).exec(
             cmd, stdin=stdin is not None, stdout=True, stderr=True, user="root",
             environment=dict(env if env is not None else SANDBOX_ENV),
         )
-        out, err = bytearray(), bytearray()
+        kept, err = bytearray(), bytearray()
         stream = exe.start(detach=False)
         try:
-            if stdin is not None:
+            if isinstance(stdin, Path):
+                await _send_file(stream, stdin)
+            elif stdin is not None:
                 await stream.write_in(stdin)
+            if stdin is not None:
                 # half-close: the exec sees EOF on stdin, we keep reading
                 # (Stream.close() would drop the connection)
                 await stream._init()
@@ -727,7 +849,10 @@ class DockerVMMS(VMMS):
                 if transport is not None and transport.can_write_eof():
                     transport.write_eof()
             while (msg := await stream.read_out()) is not None:
-                buf, cap = (out, out_cap) if msg.stream == 1 else (err, 64 * KIB)
+                if msg.stream == 1 and out is not None:
+                    await out.write(msg.data)
+                    continue
+                buf, cap = (kept, out_cap) if msg.stream == 1 else (err, 64 * KIB)
                 if len(buf) < cap:
                     buf += msg.data[: cap - len(buf)]
         finally:
@@ -735,7 +860,7 @@ class DockerVMMS(VMMS):
                 await stream.close()
         info = await exe.inspect()
         code = info.get("ExitCode")
-        return code, bytes(out), bytes(err)
+        return code, bytes(kept), bytes(err)
 
     async def partialOutput(self, vm: TangoMachine) -> bytes | None:
         """The running job's output so far: one exec, only when asked."""
@@ -748,15 +873,17 @@ class DockerVMMS(VMMS):
         return out if code == 0 else None
 
     async def copyOut(self, vm: TangoMachine, destFile: str) -> None:
-        data = vm.driver_data.pop("feedback", None)
-        if data is None:
+        spooled = vm.driver_data.pop("feedback", None)
+        if spooled is None:
             raise CopyOutError(f"VM {vm.driver_data.get('cname')} has no feedback (no runJob)")
         try:
-            await anyio.to_thread.run_sync(_write, destFile, data[: self.feedback_cap])
+            await anyio.to_thread.run_sync(_move_file, spooled, destFile)
         except OSError as e:
             raise CopyOutError(f"writing {destFile}: {e}", status=e.errno or -1) from e
 
     async def destroyVM(self, vm: TangoMachine) -> None:
+        for key in ("input_tar", "feedback"):  # a job cut short leaves its spool files
+            self._drop_spooled(vm, key)
         container = self._container(vm)
         try:
             await container.delete(force=True, v=True)
@@ -793,21 +920,7 @@ class DockerVMMS(VMMS):
         found = await self.docker.containers.list(
             all=True, filters={"label": [f"{LABEL_OWNER}={self.owner}"]}
         )
-        vms = []
-        for c in found:
-            labels = c._container.get("Labels") or {}
-            names = c._container.get("Names") or []
-            vm = TangoMachine(
-                name=labels.get(LABEL_POOL, "unknown"),
-                image=labels.get(LABEL_IMAGE),
-                vmms=self.driver_name,
-                id=int(labels[LABEL_VM]) if labels.get(LABEL_VM, "").isdigit() else None,
-                instance_id=c.id,
-            )
-            vm.driver_data.update(cid=c.id, cname=names[0].lstrip("/") if names else None)
-            if labels.get(LABEL_UID, "").isdigit():
-                vm.driver_data["uid"] = int(labels[LABEL_UID])
-            vms.append(vm)
+        vms = [self._vm_of(c) for c in found]
         # Claims of this owner with no container at all (a crash between the
         # claim and the create, or between the removal and the release).
         names = {str(vm.driver_data.get("cname")) for vm in vms}
@@ -816,6 +929,34 @@ class DockerVMMS(VMMS):
             log.info("docker: released %d grading uids of containers that are gone",
                      len(released))
         return vms
+
+    async def getOrphans(self) -> list[TangoMachine]:
+        """Containers (any owner's) whose maker is provably gone: its process
+        on this host and boot is dead, or this host rebooted since, or it was
+        a driver of this process that is closed. A container made elsewhere
+        (another host sharing the engine) or with no mark is left alone."""
+        found = await self.docker.containers.list(all=True, filters={"label": [LABEL_OWNER]})
+        return [
+            self._vm_of(c) for c in found
+            if liveness.mark_is_dead((c._container.get("Labels") or {}).get(LABEL_PROCESS))
+        ]
+
+    def _vm_of(self, c: DockerContainer) -> TangoMachine:
+        """The VM a listed container is (its labels say which)."""
+        labels = c._container.get("Labels") or {}
+        names = c._container.get("Names") or []
+        vm = TangoMachine(
+            name=labels.get(LABEL_POOL, "unknown"),
+            image=labels.get(LABEL_IMAGE),
+            vmms=self.driver_name,
+            id=int(labels[LABEL_VM]) if labels.get(LABEL_VM, "").isdigit() else None,
+            instance_id=c.id,
+        )
+        vm.driver_data.update(cid=c.id, cname=names[0].lstrip("/") if names else None,
+                              owner=labels.get(LABEL_OWNER) or self.owner)
+        if labels.get(LABEL_UID, "").isdigit():
+            vm.driver_data["uid"] = int(labels[LABEL_UID])
+        return vm
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "url": self.url, "oom_protect": self._oom_protect}
@@ -833,6 +974,92 @@ def _oom_kills(err: bytes) -> tuple[bytes, bool]:
     return head + sep, seen
 
 
-def _write(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
+class _Spool:
+    """An exec's stdout, written to ``path`` as it comes and capped at ``cap``
+    bytes: at most one chunk of it in memory, every write in a thread."""
+
+    def __init__(self, path: Path, cap: int) -> None:
+        self.path = path
+        self.cap = cap
+        self.size = 0
+        self._buf = bytearray()
+        self._file: BinaryIO | None = None
+
+    async def write(self, data: bytes) -> None:
+        room = self.cap - self.size
+        if room <= 0:
+            return  # past the cap: read (the exec must not block) and dropped
+        chunk = data[:room]
+        self._buf += chunk
+        self.size += len(chunk)
+        if len(self._buf) >= SPOOL_CHUNK:
+            buf, self._buf = self._buf, bytearray()
+            await anyio.to_thread.run_sync(self._write, buf)
+
+    async def finish(self) -> None:
+        """Write what is left and close the file (made even when empty)."""
+        buf, self._buf = self._buf, bytearray()
+        await anyio.to_thread.run_sync(self._finish, buf)
+
+    def _write(self, buf: bytes | bytearray) -> None:
+        if self._file is None:
+            # created here, owner-only (the spool directory is, too)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            self._file = os.fdopen(fd, "wb")
+        self._file.write(buf)
+
+    def _finish(self, buf: bytes | bytearray) -> None:
+        self._write(buf)
+        assert self._file is not None
+        self._file.close()
+        self._file = None
+
+    def discard(self) -> None:
+        """Close and remove the file (a job cut short or failed)."""
+        self._buf = bytearray()
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+
+async def _send_file(stream: Any, path: Path) -> None:
+    """Write the file at ``path`` into an exec's stdin, a chunk at a time
+    (each write waits until the engine has taken the one before)."""
+    f = await anyio.to_thread.run_sync(open, path, "rb")
+    try:
+        while True:
+            chunk = await anyio.to_thread.run_sync(f.read, SPOOL_CHUNK)
+            if chunk:
+                await stream.write_in(chunk)
+            if len(chunk) < SPOOL_CHUNK:
+                return
+    finally:
+        f.close()
+
+
+def _move_file(src: str, dest: str) -> None:
+    """Copy the spool file ``src`` to ``dest`` (in the kernel: no buffer of
+    ours), then remove it."""
+    try:
+        shutil.copyfile(src, dest)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(src)
+
+
+def _add_memory_line_to(path: Path, memory: int) -> None:
+    """:func:`add_memory_line` for a feedback file: its head is rewritten,
+    the rest copied after it."""
+    with open(path, "rb") as f:
+        head = f.read(64 * KIB)
+        new = add_memory_line(head, memory)
+        if new == head:
+            return
+        tmp = path.with_name(path.name + ".m")
+        with open(tmp, "wb") as out:
+            out.write(new)
+            shutil.copyfileobj(f, out, SPOOL_CHUNK)
+    os.replace(tmp, path)

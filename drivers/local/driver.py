@@ -8,7 +8,10 @@ Each VM is
   /dev/shm), a root-only ``out/`` for the feedback file, the sandbox's
   ``passwd``/``group`` files, a copy of the autodriver, the VM's network
   namespace (``netns``, with its pasta), and ``vm.json`` (so that
-  ``getVMs`` finds sandboxes left by a crashed process);
+  ``getVMs`` finds sandboxes left by a crashed process); while the driver
+  lives it holds an ``flock`` on ``<state_dir>/<owner>.lock``, so that a
+  later start (whoever's) knows the owner's sandboxes are orphans only once
+  that lock is free (:meth:`LocalVMMS.getOrphans`, :mod:`drivers.liveness`);
 - a dedicated unprivileged uid from ``uid_base`` .. ``uid_base+uid_count-1``,
   claimed host-wide (:class:`drivers.policy.UidRegistry`) so that several
   managers and drivers on one host never share one;
@@ -57,6 +60,7 @@ import anyio.to_thread
 
 from autodriver import COMPILE_PY
 from autodriver import SOURCE as AUTODRIVER
+from drivers.liveness import OwnerLock, dead_owner, remove_lock_file
 from drivers.policy import (
     DEFAULT_DISK_QUOTA,
     DEFAULT_INODE_QUOTA,
@@ -76,6 +80,7 @@ from vmpool.errors import (
     VMNotReadyError,
 )
 from vmpool.models import InputFile, TangoMachine
+from vmpool.output import copy_fd
 from vmpool.vmms import VMMS, add_memory_line, check_input_files, format_seconds, safe_name
 
 from .cgroups import CgroupSet, cgroup_support
@@ -145,6 +150,10 @@ class LocalVMMS(VMMS):
         uid_dir: str = UID_DIR,
     ) -> None:
         super().__init__(owner=owner, prefix=prefix)
+        if safe_name(self.owner) != self.owner or self.owner.startswith("."):
+            # it names a directory, uid claims and cgroups
+            raise ValueError(f"owner must be made of [A-Za-z0-9_.-] and start with a letter "
+                             f"or digit, got {self.owner!r}")
         if sandbox not in ("bwrap", "rlimits"):
             raise ValueError(f"sandbox must be 'bwrap' or 'rlimits', got {sandbox!r}")
         if os.geteuid() != 0:
@@ -220,12 +229,25 @@ class LocalVMMS(VMMS):
         self.python = python or ("/usr/bin/python3" if Path("/usr/bin/python3").exists()
                                  else "python3")
         self.cgroups = cgroup_support() if use_cgroups else None
+        # a sandbox shares this host: it can have at most what the host has
+        self.max_cores = os.cpu_count()
+        self.max_memory_mb = _host_memory_mb()
         self._procs: dict[str, anyio.abc.Process] = {}
-        self._owner_dir.mkdir(parents=True, exist_ok=True)
+        #: directory names of the sandboxes this driver made and has not
+        #: removed: never orphans, whatever else is under the owner's directory
+        self._made: set[str] = set()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o711)
+        # Held from before the first sandbox until close (the kernel drops it
+        # if the process dies): the proof, for every other process, that the
+        # sandboxes under <state_dir>/<owner>/ are not leftovers.
+        self._lock = OwnerLock(self.state_dir / f"{self.owner}.lock")
+        self._lock_warned = False
+        self._take_lock()
+        self._owner_dir.mkdir(exist_ok=True)
         os.chmod(self._owner_dir, 0o711)  # whatever the umask
-        self._release_stale_claims()
-        self._remove_stale_cgroups()
+        self._release_stale_claims(self.owner)
+        self._remove_stale_cgroups(self.owner)
         self._compiled = self._compile_autodriver()
         if sandbox == "rlimits":
             # No bind mount: the job reaches its directory through the state
@@ -247,8 +269,24 @@ class LocalVMMS(VMMS):
     def _vm_dir(self, vm: TangoMachine) -> Path:
         return self._owner_dir / safe_name(self.instanceName(vm.id, vm.name))
 
-    def _holder(self, instance: str) -> str:
-        return f"{self.owner}/{instance}"
+    def _holder(self, instance: str, owner: str | None = None) -> str:
+        return f"{owner or self.owner}/{instance}"
+
+    def _owner_of(self, vm: TangoMachine) -> str:
+        """The owner whose sandbox ``vm`` is (another's, for an orphan)."""
+        return str(vm.driver_data.get("owner") or self.owner)
+
+    def _take_lock(self) -> bool:
+        if self._lock.held:
+            return True
+        if self._lock.acquire():
+            return True
+        if not self._lock_warned:
+            self._lock_warned = True
+            log.warning("owner %s: another live driver holds %s; the sandboxes under %s are "
+                        "left to it (this driver reconciles none of them)", self.owner,
+                        self._lock.path, self._owner_dir)
+        return False
 
     def _compile_autodriver(self) -> bytes | None:
         """The autodriver compiled by the sandboxes' Python (the host's: images
@@ -265,13 +303,13 @@ class LocalVMMS(VMMS):
             return None
         return done.stdout if done.stdout[2:4] == b"\r\n" else None
 
-    def _release_stale_claims(self) -> None:
-        """Release uids this owner claimed for sandboxes that no longer exist
+    def _release_stale_claims(self, owner: str) -> None:
+        """Release uids ``owner`` claimed for sandboxes that no longer exist
         (a crash between claiming and recording, or removing and releasing),
         once no process of them is left."""
-        for uid, holder in list(self.uids.claims(f"{self.owner}/")):
+        for uid, holder in list(self.uids.claims(f"{owner}/")):
             instance = holder.partition("/")[2]
-            if not (self._owner_dir / instance).exists():
+            if not (self.state_dir / owner / instance).exists():
                 _kill_uid(uid)
                 if not pids_of_uid(uid):
                     self.uids.release(uid, holder)
@@ -279,9 +317,9 @@ class LocalVMMS(VMMS):
     def _cgroup(self, vm: TangoMachine) -> CgroupSet | None:
         if self.cgroups is None:
             return None
-        return self.cgroups.for_name(
-            safe_name(f"vmpool-{self.owner}-{self.instanceName(vm.id, vm.name)}")
-        )
+        d = vm.driver_data.get("dir")
+        instance = Path(d).name if d else self.instanceName(vm.id, vm.name)
+        return self.cgroups.for_name(safe_name(f"vmpool-{self._owner_of(vm)}-{instance}"))
 
     def _memory_bytes(self, vm: TangoMachine) -> int:
         return int((vm.memory or self.memory_mb) * MIB)
@@ -303,17 +341,23 @@ class LocalVMMS(VMMS):
         d = self._vm_dir(vm)
         lay = Layout(d)
         uid: int | None = None
+        if not self._lock.held:
+            # another driver of this owner held it at start, or this one was
+            # closed and is used again
+            self._take_lock()
+            self._owner_dir.mkdir(mode=0o711, exist_ok=True)
         try:
             d.mkdir(mode=0o711)
         except FileExistsError:
             raise InitializeVMError(f"sandbox {d} already exists") from None
+        self._made.add(d.name)
         try:
             try:
-                uid = self.uids.claim(self._holder(instance))
+                uid = self.uids.claim(self._holder(d.name))
             except LookupError as e:
                 raise InitializeVMError(str(e)) from None
             vm.instance_id = instance
-            vm.driver_data.update(dir=str(d), uid=uid, job=str(lay.job))
+            vm.driver_data.update(dir=str(d), uid=uid, job=str(lay.job), owner=self.owner)
             self._write_meta(vm)
             lay.fs.mkdir(mode=0o711)
             if self.disk_quota:
@@ -558,7 +602,8 @@ class LocalVMMS(VMMS):
         await anyio.to_thread.run_sync(self._remove_sandbox, d, vm.driver_data.get("uid"), vm)
 
     def _remove_sandbox(self, d: Path, uid: int | None, vm: TangoMachine) -> None:
-        holder = self._holder(d.name)
+        owner = self._owner_of(vm)
+        holder = self._holder(d.name, owner)
         cg = self._cgroup(vm)
         if cg is not None:
             cg.kill_all()
@@ -586,11 +631,16 @@ class LocalVMMS(VMMS):
             remove_tree(d)
         except OSError as e:
             raise DestroyVMError(f"sandbox {d} could not be removed: {e}") from e
+        if owner == self.owner:
+            self._made.discard(d.name)
         if cg is not None:
             cg.remove()
         if mine:
             assert uid is not None
             self.uids.release(uid, holder)
+        if owner != self.owner:
+            # an orphan: its owner's directory and lock go with its last sandbox
+            self._remove_owner_if_empty(owner)
 
     async def safeDestroyVM(self, vm: TangoMachine) -> None:
         await self.destroyVM(vm)
@@ -599,52 +649,126 @@ class LocalVMMS(VMMS):
             raise DestroyVMError(f"sandbox {d} still exists after destroy")
 
     async def getVMs(self) -> list[TangoMachine]:
-        return await anyio.to_thread.run_sync(self._scan)
+        return await anyio.to_thread.run_sync(self._scan, self.owner)
 
-    def _scan(self) -> list[TangoMachine]:
+    async def getOrphans(self) -> list[TangoMachine]:
+        return await anyio.to_thread.run_sync(self._orphans)
+
+    def _orphans(self) -> list[TangoMachine]:
+        """Sandboxes whose owner is gone: this owner's that this driver did not
+        make (while it holds the owner's lock, whoever made them is gone), and
+        those of every other owner whose lock nobody holds. A dead owner's
+        uid claims and cgroups with no sandbox left are released on the way,
+        and its directory and lock removed once empty."""
+        found: list[TangoMachine] = []
+        if self._take_lock():
+            found += [vm for vm in self._scan(self.owner)
+                      if Path(vm.driver_data["dir"]).name not in self._made]
+        for entry in sorted(self.state_dir.iterdir()):
+            owner = entry.name
+            if owner == self.owner or not entry.is_dir() or entry.is_symlink():
+                continue
+            with dead_owner(self._lock_path(owner)) as dead:
+                if not dead:
+                    # alive, or not a driver that locks (nothing is proven)
+                    continue
+                vms = self._scan(owner)
+                log.info("owner %s is gone: %d sandboxes of it left", owner, len(vms))
+                self._release_stale_claims(owner)
+                self._remove_stale_cgroups(owner)
+                if not vms:
+                    self._remove_owner_dir(owner)
+                found += vms
+        return found
+
+    def _lock_path(self, owner: str) -> Path:
+        return self.state_dir / f"{owner}.lock"
+
+    def _remove_owner_if_empty(self, owner: str) -> None:
+        with dead_owner(self._lock_path(owner)) as dead:
+            if dead:
+                self._remove_owner_dir(owner)
+
+    def _remove_owner_dir(self, owner: str) -> None:
+        """Remove ``owner``'s empty directory, then its lock file (the caller
+        holds the lock)."""
+        try:
+            (self.state_dir / owner).rmdir()
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return  # not empty: a sandbox is left (a later start tries again)
+        remove_lock_file(self._lock_path(owner))
+
+    async def close(self) -> None:
+        """Let the owner's lock go: the sandboxes left (none, after a clean
+        close) are then anyone's to remove. Nothing is destroyed here."""
+        if self._lock.held:
+            await anyio.to_thread.run_sync(self._release_lock)
+
+    def _release_lock(self) -> None:
+        try:
+            self._owner_dir.rmdir()
+        except FileNotFoundError:
+            pass
+        except OSError:
+            self._lock.release()  # sandboxes left: the lock file says whose
+            return
+        self._lock.release(remove=True)
+
+    def _scan(self, owner: str) -> list[TangoMachine]:
         vms: list[TangoMachine] = []
-        if not self._owner_dir.is_dir():
+        owner_dir = self.state_dir / owner
+        if not owner_dir.is_dir():
             return vms
-        for d in sorted(self._owner_dir.iterdir()):
+        for d in sorted(owner_dir.iterdir()):
             try:
                 meta = json.loads((d / "vm.json").read_text())
             except (OSError, ValueError):
                 # a sandbox whose creation (or removal) was cut short: still
                 # ours to remove, with its id (hence its cgroup) and its uid
-                meta = self._meta_from_name(d.name)
+                meta = self._meta_from_name(d.name, owner)
             data = meta.pop("driver_data", {}) or {}
             meta.pop("owner", None)
             fields = {k: v for k, v in meta.items() if k in TangoMachine.__dataclass_fields__}
             vm = TangoMachine(**fields)
             vm.driver_data.update(data)
-            vm.driver_data["dir"] = str(d)
+            # where it is says whose it is, whatever its vm.json says
+            vm.driver_data.update(dir=str(d), owner=owner)
             vms.append(vm)
         return vms
 
-    def _meta_from_name(self, instance: str) -> dict[str, Any]:
+    def _meta_from_name(self, instance: str, owner: str) -> dict[str, Any]:
         """What a sandbox's directory name and its uid claim say of it."""
         meta: dict[str, Any] = {"name": instance, "driver_data": {}}
         m = re.fullmatch(rf"{re.escape(self.prefix)}-(\d+)-(.+)", instance)
         if m:
             meta.update(id=int(m.group(1)), name=m.group(2))
-        for uid, holder in self.uids.claims(self._holder(instance)):
-            if holder == self._holder(instance):
+        holder = self._holder(instance, owner)
+        for uid, claimed in self.uids.claims(holder):
+            if claimed == holder:
                 meta["driver_data"]["uid"] = uid
                 break
         return meta
 
-    def _remove_stale_cgroups(self) -> None:
-        """Remove this owner's cgroups whose sandbox is gone (a crash between
+    def _remove_stale_cgroups(self, owner: str) -> None:
+        """Remove ``owner``'s cgroups whose sandbox is gone (a crash between
         removing the sandbox's directory and its cgroup)."""
         if self.cgroups is None:
             return
-        mine = safe_name(f"vmpool-{self.owner}-{self.prefix}-")
+        mine = safe_name(f"vmpool-{owner}-{self.prefix}-")
         found: set[str] = set()
         for parent in self.cgroups.parents.values():
             with contextlib.suppress(OSError):
                 found |= {p.name for p in parent.iterdir()
                           if p.is_dir() and p.name.startswith(mine)}
-        live = {safe_name(f"vmpool-{self.owner}-{d.name}") for d in self._owner_dir.iterdir()}
+        # every sandbox on this state directory, whoever's: an owner whose
+        # name begins with this one's never loses a cgroup to it
+        live: set[str] = set()
+        for o in self.state_dir.iterdir():
+            if o.is_dir() and not o.is_symlink():
+                with contextlib.suppress(OSError):
+                    live |= {safe_name(f"vmpool-{o.name}-{d.name}") for d in o.iterdir()}
         for name in sorted(found - live):
             cg = self.cgroups.for_name(name)
             cg.kill_all()
@@ -660,6 +784,16 @@ class LocalVMMS(VMMS):
             "inode_quota": self.inode_quota,
             "cgroups": self.cgroups.describe() if self.cgroups else None,
         }
+
+
+def _host_memory_mb() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _closed_to_others(path: Path) -> Path | None:
@@ -703,13 +837,7 @@ def _kill_uid(uid: int) -> None:
 def _copy_capped(src: Path, dest: str, cap: int) -> None:
     try:
         with open(src, "rb") as fin, open(dest, "wb") as fout:
-            remaining = cap
-            while remaining > 0:
-                chunk = fin.read(min(1 << 20, remaining))
-                if not chunk:
-                    break
-                fout.write(chunk)
-                remaining -= len(chunk)
+            copy_fd(fin.fileno(), fout.fileno(), cap)
     except OSError as e:
         code = e.errno or -1
         raise CopyOutError(f"copying the feedback file: {e.strerror or e}", status=code) from e

@@ -13,6 +13,7 @@ stand-in for a real driver's own tests.
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections import Counter
@@ -47,6 +48,7 @@ _ERRORS: dict[str, type[VMMSError]] = {
 }
 
 Action = Literal["raise", "crash", "hang", "status"]
+_TOKENS = itertools.count(1)
 
 
 @dataclass(frozen=True)
@@ -133,11 +135,15 @@ class SimWorld:
     """What exists "out there": shared by drivers that stand for one cloud.
 
     Two SimVMMS with the same world see each other's VMs, which is how a
-    test plays a crashed manager and its successor.
+    test plays a crashed manager (a driver closed with its VMs left) and its
+    successor.
     """
 
     live: dict[str, TangoMachine] = field(default_factory=dict)
     owners: dict[str, str] = field(default_factory=dict)
+    #: instance name -> the driver that made it; drivers not yet closed
+    makers: dict[str, int] = field(default_factory=dict)
+    alive: set[int] = field(default_factory=set)
 
 
 class SimVMMS(VMMS):
@@ -166,6 +172,8 @@ class SimVMMS(VMMS):
         self.images = list(images) if images is not None else None
         self.output = output
         self.world = world or SimWorld()
+        self._token = next(_TOKENS)
+        self.world.alive.add(self._token)
         self.calls: Counter[str] = Counter()
         self.faults_fired: Counter[str] = Counter()
         self._call_waiters: list[anyio.Event] = []
@@ -250,6 +258,7 @@ class SimVMMS(VMMS):
         # cancelled half-way and not cleaned up shows as a leak.
         self.world.live[name] = vm
         self.world.owners[name] = self.owner
+        self.world.makers[name] = self._token
         vm.instance_id = name
         vm.driver_data["ready"] = False
         await self._step("initializeVM", vm)
@@ -301,10 +310,19 @@ class SimVMMS(VMMS):
         name = self.instanceName(vm.id, vm.name)
         self.world.live.pop(name, None)
         self.world.owners.pop(name, None)
+        self.world.makers.pop(name, None)
 
     async def getVMs(self) -> list[TangoMachine]:
         await self._step("getVMs", None)
         return list(self.live.values())
+
+    async def getOrphans(self) -> list[TangoMachine]:
+        """VMs (any owner's) whose driver is closed: its manager is gone."""
+        return [vm for k, vm in self.world.live.items()
+                if self.world.makers.get(k) not in self.world.alive]
+
+    async def close(self) -> None:
+        self.world.alive.discard(self._token)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "live": len(self.live), "calls": dict(self.calls)}

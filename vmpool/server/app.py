@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import anyio
 from aiohttp import web
 
+from ..manager import new_owner
+from ..vmms import safe_name
 from .config import ServerConfig
 from .recovery import recover
 from .routes import TangoServer
@@ -26,7 +30,7 @@ async def running(config: ServerConfig) -> AsyncIterator[TangoServer]:
     leaving abandons running jobs (they run again at the next start)."""
     store = SQLiteStore(config.database)
     try:
-        server = TangoServer(config, store)
+        server = TangoServer(config, store, owner=server_owner(config))
         async with (
             server.manager,
             anyio.create_task_group() as tg,
@@ -40,6 +44,31 @@ async def running(config: ServerConfig) -> AsyncIterator[TangoServer]:
                 tg.cancel_scope.cancel()
     finally:
         store.close()
+
+
+def server_owner(config: ServerConfig) -> str | None:
+    """The server's owner id, kept in ``<database>.owner``: the same one
+    after every restart, so that the next start finds (and, its earlier
+    process being gone, removes) what a crash left. None for a database
+    that is not a file (a fresh id each time)."""
+    if not config.database or config.database == ":memory:" or config.database.startswith(
+        "file:"
+    ):
+        return None
+    path = Path(f"{config.database}.owner")
+    try:
+        owner = path.read_text().strip()
+    except FileNotFoundError:
+        owner = ""
+    if owner and safe_name(owner) == owner:
+        return owner
+    owner = new_owner(config.settings.prefix)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the server's own
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{owner}\n")
+    os.replace(tmp, path)
+    return owner
 
 
 async def serve(

@@ -9,6 +9,10 @@ validated at start with messages that name the bad value.
     courselabs = "/var/lib/vmpool/courselabs"
     database = "/var/lib/vmpool/jobs.sqlite"
     max_upload_bytes = 104857600
+    max_output_kb = 10240            # addJob's max_kb is clamped to this
+    callback_tries = 11              # then backoff 2 s doubling, at most 120 s
+    callback_verify_tls = true       # false: no TLS verification (Tango's way)
+    callback_ca_file = "/etc/vmpool/autolab-ca.pem"   # optional
 
     [vmpool]            # any field of vmpool.Settings
     default_vmms = "local"
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import ssl
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -47,19 +52,33 @@ class ServerConfig:
     courselabs: str = "/var/lib/vmpool/courselabs"
     database: str = "/var/lib/vmpool/jobs.sqlite"
     max_upload_bytes: int = 100 * MIB
-    #: callback POSTs: tries and the first pause between them (doubles)
-    callback_tries: int = 4
-    callback_backoff: float = 1.0
+    #: addJob's ``max_kb`` is clamped to this (KiB); 0 or absent means
+    #: the driver settings' max_output_file_size (Tango's 1000 KiB)
+    max_output_kb: int = 10 * 1024
+    #: callback POSTs: tries, the first pause between them (it doubles, up to
+    #: callback_backoff_max). The defaults outlast Tango's (urllib3
+    #: Retry(total=10, backoff_factor=1): 11 tries over ~8 min): 11 tries over
+    #: ~10 min, so that an Autolab restarting meanwhile loses no grade.
+    callback_tries: int = 11
+    callback_backoff: float = 2.0
+    callback_backoff_max: float = 120.0
     callback_timeout: float = 30.0
+    #: TLS of https callbacks: verified against the system's CAs, or against
+    #: callback_ca_file (PEM) when set (an Autolab with an internal CA or a
+    #: self-signed certificate). callback_verify_tls = false turns
+    #: verification off, as Tango does (requests' verify=False).
+    callback_verify_tls: bool = True
+    callback_ca_file: str | None = None
     #: the file this configuration was read from (jobs never see it)
     config_file: str | None = None
     settings: Settings = field(default_factory=Settings)
 
     def private_paths(self) -> list[str]:
         """What the server keeps that no job may see: courselabs, the job
-        database (and its WAL files), the configuration file."""
+        database (its WAL files, its owner id), the configuration file."""
         db = str(Path(self.database).absolute())
-        paths = [str(Path(self.courselabs).absolute()), db, f"{db}-wal", f"{db}-shm"]
+        paths = [str(Path(self.courselabs).absolute()), db, f"{db}-wal", f"{db}-shm",
+                 f"{db}.owner"]
         if self.config_file:
             paths.append(str(Path(self.config_file).absolute()))
         return paths
@@ -82,6 +101,16 @@ class ServerConfig:
             problems.append(f"server.max_upload_bytes must be > 0, got {self.max_upload_bytes}")
         if self.callback_tries < 1:
             problems.append(f"server.callback_tries must be >= 1, got {self.callback_tries}")
+        if self.max_output_kb <= 0:
+            problems.append(f"server.max_output_kb must be > 0, got {self.max_output_kb}")
+        if self.callback_backoff < 0 or self.callback_backoff_max < 0:
+            problems.append("server.callback_backoff and callback_backoff_max must be >= 0")
+        if self.callback_ca_file is not None:
+            try:
+                ssl.create_default_context(cafile=self.callback_ca_file)
+            except (OSError, ssl.SSLError) as e:
+                problems.append(f"server.callback_ca_file {self.callback_ca_file!r} is not a"
+                                f" readable PEM file of certificates: {e}")
         if problems:
             raise ConfigError("; ".join(problems))
 

@@ -15,6 +15,31 @@ from ..vmms import check_dest_name
 
 #: the longest file name most file systems take, in bytes
 NAME_MAX = 255
+#: C0 controls and DEL: never in a name (a newline in a name ends up in an
+#: HTTP header, a log line, a trace line or a Prometheus label)
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: Tango's VMMS names (tango-cli sends ``vmms: "localDocker"`` by default).
+#: Tango ignores the ``vmms`` of addJob and prealloc bodies; so does vmpool
+#: for these names (a vmpool driver name still picks that driver).
+TANGO_VMMS = frozenset({"localDocker", "distDocker", "ec2SSH", "tashiSSH", "localSSH"})
+
+
+def check_image_name(image: object) -> str | None:
+    """The problem with an image name, or None if it is fine."""
+    if not isinstance(image, str) or not image:
+        return "'image' must be a non-empty string"
+    bad = CONTROL.search(image)
+    if bad is not None:
+        return f"image name {image!r} contains a control character ({bad.group()!r})"
+    if len(image) > 1024:
+        return "image name is longer than 1024 characters"
+    return None
+
+
+def vmms_of(body: dict[str, Any]) -> str | None:
+    """The driver a body names: a string that is not one of Tango's VMMS names."""
+    vmms = body.get("vmms")
+    return vmms if isinstance(vmms, str) and vmms not in TANGO_VMMS else None
 
 
 def check_file_name(name: str | None) -> str | None:
@@ -23,6 +48,9 @@ def check_file_name(name: str | None) -> str | None:
         return "file name is empty"
     if "\x00" in name:
         return "file name contains a NUL byte"
+    bad = CONTROL.search(name)
+    if bad is not None:
+        return f"file name {name!r} contains a control character ({bad.group()!r})"
     if "/" in name or "\\" in name:
         return f"file name {name!r} contains a '/'"
     if name in (".", "..") or name.startswith(".."):
@@ -49,10 +77,22 @@ def finite(x: float) -> bool:
 
 
 def parse_job(
-    body: Any, lab: Path, image_problem: str | None = None
+    body: Any,
+    lab: Path,
+    image_problem: str | None = None,
+    *,
+    default_output_bytes: int = 0,
+    max_output_bytes: int | None = None,
 ) -> tuple[TangoJob | None, list[str]]:
     """An addJob body as a job whose files are in ``lab``, or every problem
-    with it (``image_problem``: what the caller found wrong with its image)."""
+    with it (``image_problem``: what the caller found wrong with its image).
+
+    ``max_kb`` 0 or absent means ``default_output_bytes`` (tango-cli sends 0
+    by default); a larger one is clamped to ``max_output_bytes``. The job's
+    ``maxOutputFileSize`` is the value applied, in bytes, as Tango's /jobs
+    shows it. ``disable_network`` that is not a boolean (Autolab sends its
+    database column, which may be null) means false, as in Tango.
+    """
     problems: list[str] = []
     if not isinstance(body, dict):
         return None, ["the body must be a JSON object"]
@@ -60,8 +100,10 @@ def parse_job(
         if field not in body:
             problems.append(f"missing field '{field}'")
     image = body.get("image")
-    if "image" in body and (not isinstance(image, str) or not image):
-        problems.append("'image' must be a non-empty string")
+    if "image" in body:
+        p = check_image_name(image)
+        if p:
+            problems.append(p)
     name = body.get("jobName")
     if "jobName" in body and (not isinstance(name, str) or not name):
         problems.append("'jobName' must be a non-empty string")
@@ -104,17 +146,19 @@ def parse_job(
         timeout = 0
     max_kb = body.get("max_kb")
     if max_kb is not None and (isinstance(max_kb, bool) or not isinstance(max_kb, int)
-                               or max_kb <= 0):
-        problems.append(f"'max_kb' must be a positive integer, got {max_kb!r}")
+                               or max_kb < 0):
+        problems.append(f"'max_kb' must be an integer >= 0 (0: the default), got {max_kb!r}")
         max_kb = None
+    output_bytes = max_kb * 1024 if max_kb else default_output_bytes
+    if max_output_bytes is not None and output_bytes > max_output_bytes:
+        output_bytes = max_output_bytes
     callback = body.get("callback_url") or body.get("notifyURL")
     if callback is not None and (not isinstance(callback, str)
-                                 or not re.match(r"^https?://", callback)):
+                                 or not re.match(r"^https?://[^/?#\s]", callback)
+                                 or CONTROL.search(callback) or " " in callback):
         problems.append(f"'callback_url' must be an http(s) URL, got {callback!r}")
         callback = None
-    disable_network = body.get("disable_network", False)
-    if not isinstance(disable_network, bool):
-        problems.append("'disable_network' must be true or false")
+    disable_network = body.get("disable_network") is True
     cores, memory = body.get("cores"), body.get("memory")
     for label, v in (("cores", cores), ("memory", memory)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
@@ -125,17 +169,22 @@ def parse_job(
         return None, problems
     assert isinstance(image, str) and isinstance(name, str) and isinstance(output, str)
     vm = TangoMachine(name=pool_name(image), image=image, cores=cores, memory=memory,
-                      vmms=body.get("vmms") if isinstance(body.get("vmms"), str) else None)
+                      vmms=vmms_of(body))
+    # Tango: a job-owned EC2 VM only when accessKey is a non-empty string
+    # (tango-cli sends "" for both by default)
+    access_key = body.get("accessKey")
+    owned = isinstance(access_key, str) and access_key != ""
     job = TangoJob(
         vm=vm,
         outputFile=str(lab / "output" / output),
         name=name,
         input=inputs,
         notifyURL=callback,
-        timeout=float(timeout),
-        maxOutputFileSize=int(max_kb) * 1024 if max_kb else 0,
-        accessKeyId=body.get("accessKeyId"),
-        accessKey=body.get("accessKey"),
-        disableNetwork=bool(disable_network),
+        # as given: an integer stays an integer in /jobs, as in Tango
+        timeout=timeout,
+        maxOutputFileSize=output_bytes,
+        accessKeyId=body.get("accessKeyId") if owned else None,
+        accessKey=access_key if owned else None,
+        disableNetwork=disable_network,
     )
     return job, []

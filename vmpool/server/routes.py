@@ -31,11 +31,19 @@ from aiohttp import web
 
 from ..errors import JobError, PoolClosedError, UnknownImageError, VMPoolError
 from ..manager import Manager
+from ..metrics import escape_label_value
 from ..models import TangoJob, pool_name
 from ..scheduler import JobHandle, Outcome
 from .callbacks import Callbacks
 from .config import ServerConfig
-from .jobspec import check_file_name, lab_problem, parse_job
+from .jobspec import (
+    TANGO_VMMS,
+    check_file_name,
+    check_image_name,
+    lab_problem,
+    parse_job,
+    vmms_of,
+)
 from .labs import known_md5, lab_md5s, md5_of, record_upload
 from .store import SQLiteStore
 
@@ -64,9 +72,9 @@ class TangoServer:
     (callbacks) and the HTTP client that sends them.
     """
 
-    def __init__(self, config: ServerConfig, store: SQLiteStore) -> None:
+    def __init__(self, config: ServerConfig, store: SQLiteStore, owner: str | None = None) -> None:
         self.config = config
-        self.manager = Manager(config.job_settings(), on_done=[self.on_done])
+        self.manager = Manager(config.job_settings(), on_done=[self.on_done], owner=owner)
         self.store = store
         self.courselabs = Path(config.courselabs)
         # owner-only: handins, graders and outputs of every course are below
@@ -143,6 +151,8 @@ class TangoServer:
             app.router.add_route(method, path, handler)
             if path != "/":
                 app.router.add_route(method, path + "/", handler)
+        # tango-cli's --pool with its default --image "" asks /pool/<key>//
+        app.router.add_route("GET", "/pool/{key}//", self.pool)
         app.middlewares.append(self._errors)
         return app
 
@@ -241,10 +251,12 @@ class TangoServer:
         except (ValueError, UnicodeDecodeError) as e:
             return fail(f"Invalid job: the body is not JSON ({e})")
         image_problem = None
-        if isinstance(body, dict) and isinstance(body.get("image"), str) and body["image"]:
-            vmms = body.get("vmms") if isinstance(body.get("vmms"), str) else None
-            image_problem = await self._image_problem(body["image"], vmms)
-        job, problems = parse_job(body, lab, image_problem)
+        if isinstance(body, dict) and check_image_name(body.get("image")) is None:
+            image_problem = await self._image_problem(body["image"], vmms_of(body))
+        job, problems = parse_job(
+            body, lab, image_problem,
+            default_output_bytes=self.manager.settings.max_output_file_size,
+            max_output_bytes=self.config.max_output_kb * 1024)
         if isinstance(body, dict) and problems == [f"unknown image {body.get('image')!r}"]:
             return fail("Invalid image name")  # Tango's answer when that is all
         if problems or job is None:
@@ -314,10 +326,13 @@ class TangoServer:
             job_id = int(request.match_info["jobId"])
         except ValueError:
             return fail("Invalid job id")
+        key = request.match_info["key"]
         h = self.manager.scheduler.live.get(job_id)
+        if h is not None and self._key_of(h.id, h.job) != key:
+            h = None  # another key's job: as if there were none
         if h is None:
             stored = await self.db(self.store.get, job_id)
-            if stored is None:
+            if stored is None or stored.key != key:
                 return fail("Job not found")
             text = ""
             with contextlib.suppress(OSError):
@@ -355,6 +370,11 @@ class TangoServer:
             "outcomes": dict(c.outcomes),
             "callbacks_sent": self.callbacks.sent if self.callbacks else 0,
             "callbacks_failed": self.callbacks.failed if self.callbacks else 0,
+            "callbacks_tls_refused": self.callbacks.tls_refused if self.callbacks else 0,
+            "callback_errors": self.callbacks.errors if self.callbacks else 0,
+            # Autolab's jobs page takes it from now to compare with the trace's
+            # times (local ctime): seconds west of UTC, as time.timezone
+            "timezone_offset": time.altzone if time.localtime().tm_isdst > 0 else time.timezone,
         }
         return ok("Found info successfully", info=info)
 
@@ -364,13 +384,35 @@ class TangoServer:
         dead = request.match_info["deadJobs"]
         if dead not in ("0", "1"):
             return fail("deadJobs must be 0 (live jobs) or 1 (dead jobs)")
+        # A key sees the jobs of its own courselabs only (stricter than Tango,
+        # which shows every job to every key).
+        key = request.match_info["key"]
         if dead == "0":
-            jobs = [h.job.to_dict() for h in self.manager.scheduler.live.values()]
+            jobs = [self._live_dict(h) for h in list(self.manager.scheduler.live.values())
+                    if self._key_of(h.id, h.job) == key]
             # and those waiting for their driver (down at the last start)
-            jobs += [j.to_dict() for j in self.waiting.values()]
+            jobs += [j.to_dict() for i, j in list(self.waiting.items())
+                     if self._key_of(i, j) == key]
         else:
-            jobs = [s.job.to_dict() for s in await self.db(self.store.done)]
+            jobs = [s.job.to_dict() for s in await self.db(self.store.done) if s.key == key]
         return ok("Found list of jobs", jobs=jobs)
+
+    def _key_of(self, job_id: int, job: TangoJob) -> str | None:
+        """The key that added a job not yet finished."""
+        meta = self._live_meta.get(job_id)
+        if meta is not None:
+            return meta[0]
+        # its courselab folder is <key>-<courselab>: the longest key that fits
+        lab = Path(job.outputFile).parent.parent.name
+        fits = [k for k in self._keys if lab.startswith(f"{k}-")]
+        return max(fits, key=len) if fits else None
+
+    @staticmethod
+    def _live_dict(h: JobHandle) -> dict[str, Any]:
+        d = h.job.to_dict()
+        if h.vm is not None:
+            d["vm"]["id"] = h.vm.id  # the VM it runs on, as Tango's job.vm
+        return d
 
     async def pool(self, request: web.Request) -> web.StreamResponse:
         if not self._key_ok(request):
@@ -392,6 +434,8 @@ class TangoServer:
         if not self._key_ok(request):
             return fail("Key not recognized")
         image = request.match_info["image"]
+        if check_image_name(image) is not None:
+            return fail("Invalid image name")
         try:
             num = int(request.match_info["num"])
         except ValueError:
@@ -417,7 +461,8 @@ class TangoServer:
                             return fail(f"Preallocate VM failed: '{k}' must be a positive "
                                         "integer")
                         spec[k] = body[k]
-                if isinstance(body.get("vmms"), str):
+                # Tango ignores it; tango-cli sends "localDocker" by default
+                if isinstance(body.get("vmms"), str) and body["vmms"] not in TANGO_VMMS:
                     spec["vmms"] = body["vmms"]
         try:
             await self.manager.resize(image, num, **spec)
@@ -441,21 +486,24 @@ class TangoServer:
         metric("job_retries_total", "counter", "Tries repeated on a fresh VM.",
                [("", c.job_retries)])
         metric("job_outcomes_total", "counter", "Jobs ended, by outcome.",
-               [(f'{{outcome="{k}"}}', v) for k, v in c.outcomes.items()])
+               [(f'{{outcome="{escape_label_value(k)}"}}', v) for k, v in c.outcomes.items()])
         for name, value in (("waitvm_timeouts", c.waitvm_timeouts),
                             ("runjob_timeouts", c.runjob_timeouts),
                             ("copyin_errors", c.copyin_errors),
                             ("runjob_errors", c.runjob_errors),
                             ("copyout_errors", c.copyout_errors)):
             metric(f"{name}_total", "counter", f"Tango's {name} counter.", [("", value)])
+        cb = self.callbacks
         metric("callbacks_total", "counter", "Callbacks, by result.",
-               [('{result="sent"}', self.callbacks.sent if self.callbacks else 0),
-                ('{result="failed"}', self.callbacks.failed if self.callbacks else 0)])
+               [('{result="sent"}', cb.sent if cb else 0),
+                ('{result="failed"}', cb.failed if cb else 0),
+                ('{result="tls_refused"}', cb.tls_refused if cb else 0),
+                ('{result="error"}', cb.errors if cb else 0)])
         per_pool: dict[str, list[tuple[str, float]]] = {
             k: [] for k in ("free", "busy", "creating", "destroying", "queued", "failed")}
         for p in self.manager.pools.values():
             st = p.status()
-            lab = f'{{pool="{st.key}"}}'
+            lab = f'{{pool="{escape_label_value(st.key)}"}}'
             per_pool["free"].append((lab, st.free))
             per_pool["busy"].append((lab, st.busy))
             per_pool["creating"].append((lab, st.creating))
