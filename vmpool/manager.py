@@ -151,10 +151,12 @@ class Manager:
                         options.setdefault(option, value)
                 drv = load_driver(name, **options)
                 self._drivers[name] = drv
-            if name not in self._reconciled:
+            # done once, when the driver answers: a driver that was down is
+            # reconciled when it comes back, not skipped for good
+            if name not in self._reconciled and (
+                not self._reconcile or await self._reconcile_driver(drv)
+            ):
                 self._reconciled.add(name)
-                if self._reconcile:
-                    await self._reconcile_driver(drv)
             if name not in self._images:
                 # Until the image list is known the driver is not ready: a
                 # failure here is raised, and asked again next time (never
@@ -164,10 +166,11 @@ class Manager:
             self._ready[name] = drv
             return drv
 
-    async def _reconcile_driver(self, drv: VMMS) -> None:
+    async def _reconcile_driver(self, drv: VMMS) -> bool:
         """Destroy the driver's orphans: VMs whose manager is provably gone
         (this owner's from an earlier process, or a dead owner's), never a
-        live manager's (see VMMS.getOrphans)."""
+        live manager's (see VMMS.getOrphans). False if the driver could not
+        even list them (to be tried again)."""
         try:
             with anyio.fail_after(self.settings.destroy_timeout):
                 found = await drv.getVMs()
@@ -175,7 +178,7 @@ class Manager:
         except (Exception, TimeoutError) as e:
             log.warning("driver %s: listing VMs for reconciliation failed: %s",
                         drv.driver_name, e)
-            return
+            return False
         owned = {vm.instance_id for p in self.pools.values() if p.spec.vmms == drv.driver_name
                  for vm in p.inventory() if vm.instance_id}
         orphans = [vm for vm in orphans if vm.instance_id is None or vm.instance_id not in owned]
@@ -191,6 +194,7 @@ class Manager:
                           vm.instance_id or vm.id, e)
         # VM ids of this run start above any id an earlier run used.
         self._vm_ids = max([self._vm_ids, *(vm.id or 0 for vm in found)])
+        return True
 
     # ----------------------------------------------------------------- pools
 
