@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import anyio
+import anyio.to_thread
 from aiohttp import web
 
 from ..manager import new_owner
@@ -29,6 +30,7 @@ async def running(config: ServerConfig) -> AsyncIterator[TangoServer]:
     """The server with its manager entered and its background work owned;
     leaving abandons running jobs (they run again at the next start)."""
     store = SQLiteStore(config.database)
+    server: TangoServer | None = None
     try:
         server = TangoServer(config, store, owner=server_owner(config))
         async with (
@@ -43,6 +45,8 @@ async def running(config: ServerConfig) -> AsyncIterator[TangoServer]:
                 server.stop()
                 tg.cancel_scope.cancel()
     finally:
+        if server is not None:
+            await anyio.to_thread.run_sync(server.close_store)
         store.close()
 
 

@@ -45,7 +45,7 @@ from .jobspec import (
     vmms_of,
 )
 from .labs import known_md5, lab_md5s, md5_of, record_upload
-from .store import SQLiteStore
+from .store import SQLiteStore, StoreThread
 
 log = logging.getLogger("vmpool.server")
 
@@ -87,8 +87,8 @@ class TangoServer:
         #: exceptions caught at the edge of background tasks
         self.background_errors = 0
         self._tg: anyio.abc.TaskGroup | None = None
-        # one store call at a time, never on the event loop's thread
-        self._db_limiter = anyio.CapacityLimiter(1)
+        # every store call in the store's own thread, never on the event loop
+        self._store_thread = StoreThread(store)
         self._keys = set(config.keys)
         self._live_meta: dict[int, tuple[str, str]] = {}
 
@@ -99,6 +99,10 @@ class TangoServer:
         self._tg = tg
         self.callbacks = Callbacks(self.config, self.store, http)
 
+    def close_store(self) -> None:
+        """Finish the store calls made (blocks until the store's thread ends)."""
+        self._store_thread.close()
+
     def stop(self) -> None:
         """No new background work: jobs still running are abandoned (they stay
         queued in the store and run again at the next start, and so do
@@ -107,8 +111,9 @@ class TangoServer:
         self._tg = None
 
     async def db(self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)`` (a store call) in a worker thread, one at a time."""
-        return await anyio.to_thread.run_sync(fn, *args, limiter=self._db_limiter)
+        """``fn(*args)`` (a store call) in the store's thread, in order."""
+        result: T = await self._store_thread.call(fn, *args)
+        return result
 
     def background(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
         """Run ``fn(*args)`` in the server's task group, inside an error
