@@ -1,23 +1,22 @@
 """A courselab's files and their md5s, which Tango's ``open`` answers with.
 
-The md5s are computed once (at upload, or the first time ``open`` sees a
-file put there otherwise) and kept in an index beside the lab's folder
-(``<courselabs>/.md5s/<lab>.json``, never among the lab's own files), keyed
-by name, size, modification time and inode: ``open`` on a lab of 2,000
-handins stats them, it does not read them.
+The md5 of a file is computed once, while it is uploaded (or the first time
+``open`` sees a file put there otherwise), and kept with the file itself,
+in an extended attribute (``user.vmpool.md5``) that also records the size,
+modification time and inode it is the md5 of: ``open`` on a lab of 2,000
+handins stats them, it does not read them, and an upload writes nothing
+but its own file. On a file system without user attributes the md5 is
+computed each time (Tango's way), and ``open`` still answers correctly.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
-import threading
 from pathlib import Path
 
-INDEX_DIR = ".md5s"
-_lock = threading.Lock()  # index updates, across the threads that serve routes
+ATTR = "user.vmpool.md5"
 
 
 def md5_of(path: Path) -> str:
@@ -28,75 +27,51 @@ def md5_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def _key(st: os.stat_result) -> list[int]:
-    return [st.st_size, st.st_mtime_ns, st.st_ino]
+def _stamp(st: os.stat_result) -> str:
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
 
 
-def _index(lab: Path) -> Path:
-    return lab.parent / INDEX_DIR / f"{lab.name}.json"
-
-
-def _load(lab: Path) -> dict[str, list[object]]:
+def _kept(path: str, st: os.stat_result) -> str | None:
+    """The md5 kept with the file, if it is of the file as it is now."""
     try:
-        data = json.loads(_index(lab).read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+        value = os.getxattr(path, ATTR, follow_symlinks=False).decode()
+    except (OSError, UnicodeDecodeError):
+        return None
+    stamp, _, digest = value.rpartition(":")
+    return digest if stamp == _stamp(st) and len(digest) == 32 else None
 
 
-def _save(lab: Path, index: dict[str, list[object]]) -> None:
-    path = _index(lab)
-    path.parent.mkdir(mode=0o700, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with open(fd, "w") as f:
-        json.dump(index, f)
-    os.replace(tmp, path)
+def _keep(path: str, digest: str) -> None:
+    with contextlib.suppress(OSError):
+        st = os.stat(path, follow_symlinks=False)
+        os.setxattr(path, ATTR, f"{_stamp(st)}:{digest}".encode(), follow_symlinks=False)
 
 
 def lab_md5s(lab: Path) -> dict[str, str]:
-    """Every (visible) file of the lab and its md5; reads only files the index lacks."""
-    with _lock:
-        index = _load(lab)
-        found: dict[str, str] = {}
-        fresh: dict[str, list[object]] = {}
-        with os.scandir(lab) as entries:
-            for e in entries:
-                if e.name.startswith(".") or not e.is_file(follow_symlinks=False):
-                    continue
-                with contextlib.suppress(OSError):
-                    key = _key(e.stat(follow_symlinks=False))
-                    known = index.get(e.name)
-                    if known is not None and known[:3] == key and isinstance(known[3], str):
-                        digest = known[3]
-                    else:
-                        digest = md5_of(Path(e.path))
-                    found[e.name] = digest
-                    fresh[e.name] = [*key, digest]
-        if fresh != index:
+    """Every (visible) file of the lab and its md5; reads only files whose
+    md5 is not kept with them."""
+    found: dict[str, str] = {}
+    with os.scandir(lab) as entries:
+        for e in entries:
+            if e.name.startswith(".") or not e.is_file(follow_symlinks=False):
+                continue
             with contextlib.suppress(OSError):
-                _save(lab, fresh)
-        return dict(sorted(found.items()))
+                digest = _kept(e.path, e.stat(follow_symlinks=False))
+                if digest is None:
+                    digest = md5_of(Path(e.path))
+                    _keep(e.path, digest)
+                found[e.name] = digest
+    return dict(sorted(found.items()))
 
 
-def record_upload(lab: Path, name: str, digest: str) -> None:
-    """Note the md5 of a file just put in place (its md5 was computed while
-    it streamed in: it is never read again for ``open``)."""
-    with _lock:
-        index = _load(lab)
-        with contextlib.suppress(OSError):
-            index[name] = [*_key(os.stat(lab / name)), digest]
-            _save(lab, index)
+def record_upload(path: Path, digest: str) -> None:
+    """Keep the md5 of a file just put in place (computed as it streamed in)."""
+    _keep(str(path), digest)
 
 
-def known_md5(lab: Path, name: str) -> str | None:
-    """The md5 of the lab's file ``name`` if the index knows it (unchanged since)."""
-    with _lock:
-        known = _load(lab).get(name)
+def known_md5(path: Path) -> str | None:
+    """The md5 kept with the file at ``path`` (None if none, or stale)."""
     try:
-        key = _key(os.stat(lab / name))
+        return _kept(str(path), os.stat(path, follow_symlinks=False))
     except OSError:
         return None
-    if known is not None and known[:3] == key and isinstance(known[3], str):
-        return known[3]
-    return None

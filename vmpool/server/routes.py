@@ -222,23 +222,31 @@ class TangoServer:
         try:
             fd = await anyio.to_thread.run_sync(
                 os.open, tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            # the writes in a thread each: the event loop never waits for the disk
+            # written in a thread, a MiB at a time: the loop never waits for the disk
             async with await anyio.open_file(fd, "wb") as out:
+                pending: list[bytes] = []
+                buffered = 0
                 async for chunk in request.content.iter_chunked(1 << 16):
                     size += len(chunk)
                     if size > limit:
                         return fail(f"File too large: more than {limit} bytes")
                     h.update(chunk)
-                    await out.write(chunk)
+                    pending.append(chunk)
+                    buffered += len(chunk)
+                    if buffered >= 1 << 20:
+                        await out.write(b"".join(pending))
+                        pending, buffered = [], 0
+                if pending:
+                    await out.write(b"".join(pending))
             target = lab / name
             digest = h.hexdigest()
-            old = await anyio.to_thread.run_sync(known_md5, lab, name)
+            old = await anyio.to_thread.run_sync(known_md5, target)
             if old is None and await anyio.Path(target).is_file():
                 old = await anyio.to_thread.run_sync(md5_of, target)
             if old == digest:
                 return ok("File exists")
             await anyio.to_thread.run_sync(os.replace, tmp, target)
-            await anyio.to_thread.run_sync(record_upload, lab, name, digest)
+            await anyio.to_thread.run_sync(record_upload, target, digest)
             return ok("Uploaded file")
         finally:
             with contextlib.suppress(FileNotFoundError):
