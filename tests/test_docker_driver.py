@@ -177,7 +177,36 @@ async def wait_for_process(cid: str, name: str, limit: float = 15) -> None:
             await anyio.sleep(0.02)
 
 
-class Dock:
+class EngineLeftovers:
+    """What a test's owners left on the engine, and its removal (for a class
+    with ``host``, ``owners`` and ``containers(owner)``)."""
+
+    host: str
+    owners: list[str]
+
+    async def containers(self, owner: str) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    async def leftovers(self) -> dict[str, list[str]]:
+        left = {}
+        for owner in self.owners:
+            found = await self.containers(owner)
+            if found:
+                left[owner] = [f"{c['Id'][:12]} {c.get('State')}" for c in found]
+        return left
+
+    async def clean(self) -> None:
+        """Remove whatever a failed test left, so that it does not leak."""
+        async with aiodocker.Docker(url=self.host) as docker:
+            for owner in self.owners:
+                for c in await docker.containers.list(
+                    all=True, filters={"label": [f"{LABEL_OWNER}={owner}"]}
+                ):
+                    with contextlib.suppress(DockerError):
+                        await c.delete(force=True, v=True)
+
+
+class Dock(EngineLeftovers):
     """One test's engine, owner label and job factory."""
 
     def __init__(self, host: str, tmp: Path, slot: int) -> None:
@@ -246,24 +275,6 @@ class Dock:
                 while (msg := await stream.read_out()) is not None:
                     out += msg.data
             return out.decode()
-
-    async def leftovers(self) -> dict[str, list[str]]:
-        left = {}
-        for owner in self.owners:
-            found = await self.containers(owner)
-            if found:
-                left[owner] = [f"{c['Id'][:12]} {c.get('State')}" for c in found]
-        return left
-
-    async def clean(self) -> None:
-        """Remove whatever a failed test left, so that it does not leak."""
-        async with aiodocker.Docker(url=self.host) as docker:
-            for owner in self.owners:
-                for c in await docker.containers.list(
-                    all=True, filters={"label": [f"{LABEL_OWNER}={owner}"]}
-                ):
-                    with contextlib.suppress(DockerError):
-                        await c.delete(force=True, v=True)
 
 
 @pytest.fixture

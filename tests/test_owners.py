@@ -32,7 +32,6 @@ from typing import Any
 import aiodocker
 import anyio
 import pytest
-from aiodocker.exceptions import DockerError
 
 from drivers.policy import UidRegistry
 from vmpool import JobHandle, Manager, Outcome, Settings
@@ -40,7 +39,7 @@ from vmpool import JobHandle, Manager, Outcome, Settings
 from .conftest import ROOT
 from .jobs import driver_test_settings, finish, processes_of, read_lines, recipe_job, warm
 from .test_docker_driver import IMAGE as DOCKER_IMAGE
-from .test_docker_driver import wait_for_process
+from .test_docker_driver import EngineLeftovers, wait_for_process
 from .test_local_driver import BEACON_PY, BEACON_ROOT, beacon
 
 UID_BASE = 65000  # apart from the other modules' ranges
@@ -290,7 +289,7 @@ async def test_a_killed_local_managers_sandboxes_are_removed_by_the_next_start(
 # Docker driver
 
 
-class DockerEnv:
+class DockerEnv(EngineLeftovers):
     def __init__(self, host: str, tmp: Path) -> None:
         self.host = host
         self.tmp = tmp
@@ -318,23 +317,6 @@ class DockerEnv:
             async with exe.start(detach=False) as stream:
                 while await stream.read_out() is not None:
                     pass
-
-    async def leftovers(self) -> dict[str, list[str]]:
-        left = {}
-        for owner in self.owners:
-            found = await self.containers(owner)
-            if found:
-                left[owner] = [f"{c['Id'][:12]} {c.get('State')}" for c in found]
-        return left
-
-    async def clean(self) -> None:
-        async with aiodocker.Docker(url=self.host) as docker:
-            for owner in self.owners:
-                for c in await docker.containers.list(
-                    all=True, filters={"label": [f"{LABEL_OWNER}={owner}"]}
-                ):
-                    with contextlib.suppress(DockerError):
-                        await c.delete(force=True, v=True)
 
     def holding_job(self, name: str) -> Any:
         """A job whose process ``holder`` runs until /tmp/release exists."""
