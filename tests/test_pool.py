@@ -266,3 +266,31 @@ async def test_drain_destroys_everything_and_keeps_the_pool_usable() -> None:
         with anyio.fail_after(5):
             lease = await pool.acquire()
         pool.release(lease, healthy=True)
+
+
+class _CountingSim(SimVMMS):
+    """The sim driver, noting how many VMs are alive each time one is made."""
+
+    peak = 0
+
+    async def initializeVM(self, vm):  # type: ignore[no-untyped-def]
+        await super().initializeVM(vm)
+        self.peak = max(self.peak, len(self.live))
+
+
+async def test_max_size_caps_live_vms_when_destroying_is_slow() -> None:
+    """Destruction slower than creation plus a job (EC2, a busy engine): the
+    VMs being destroyed count against max_size, so no more than max_size VMs
+    are ever alive, and every job still gets one."""
+    sim = _CountingSim(latency={"initializeVM": 0.01, "destroyVM": 0.2})
+    async with make_pool(sim, min_idle=2, max_size=2, destroy_timeout=5.0) as pool:
+        async def job() -> None:
+            lease = await pool.acquire()
+            pool.release(lease, healthy=True)  # one-shot: destroyed after its job
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for _ in range(30):
+                    tg.start_soon(job)
+    assert sim.peak <= 2, f"{sim.peak} VMs alive at once with max_size=2"
+    assert sim.calls["initializeVM"] >= 30 and sim.live == {}

@@ -588,9 +588,11 @@ class Pool:
                     break
                 if self._cancel_creation(rec):
                     excess -= 1
-        # Grow: enough VMs for the warm target plus every waiting job.
+        # Grow: enough VMs for the warm target plus every waiting job. A VM
+        # being destroyed still holds its place until it is gone: max_size
+        # caps the VMs alive, however slow destruction is.
         want = self.min_idle + self._n_waiting - len(self._free) - self._n_creating
-        room = self.max_size - self._n_active()
+        room = self.max_size - self._n_active() - self._n_destroying
         slots = self.create_concurrency - self._n_creating
         n = min(want, room, slots)
         if n <= 0:
@@ -740,7 +742,7 @@ class Pool:
             rec.state = VMState.LEAKED
             log.error("pool %s: VM %s could not be destroyed; kept as leaked", self.spec.key,
                       rec.vm.id)
-        self._changed()
+        self._refill()  # its place is free: a waiting job may get a VM now
 
 
 class _Workers:
