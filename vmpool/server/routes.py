@@ -34,6 +34,7 @@ from ..manager import Manager
 from ..metrics import escape_label_value
 from ..models import TangoJob, pool_name
 from ..scheduler import JobHandle, Outcome
+from ..threads import SerialThread
 from .callbacks import Callbacks
 from .config import ServerConfig
 from .jobspec import (
@@ -45,7 +46,7 @@ from .jobspec import (
     vmms_of,
 )
 from .labs import known_md5, lab_md5s, md5_of, record_upload
-from .store import SQLiteStore, StoreThread
+from .store import SQLiteStore
 
 log = logging.getLogger("vmpool.server")
 
@@ -87,8 +88,9 @@ class TangoServer:
         #: exceptions caught at the edge of background tasks
         self.background_errors = 0
         self._tg: anyio.abc.TaskGroup | None = None
-        # every store call in the store's own thread, never on the event loop
-        self._store_thread = StoreThread(store)
+        # every store call in the store's own thread, in order, never on the
+        # event loop (one hand-off for a burst of calls, not one per call)
+        self._store_thread = SerialThread("vmpool-store")
         self._keys = set(config.keys)
         self._live_meta: dict[int, tuple[str, str]] = {}
 
@@ -101,7 +103,7 @@ class TangoServer:
 
     def close_store(self) -> None:
         """Finish the store calls made (blocks until the store's thread ends)."""
-        self._store_thread.close()
+        self._store_thread.join()
 
     def stop(self) -> None:
         """No new background work: jobs still running are abandoned (they stay
@@ -112,8 +114,7 @@ class TangoServer:
 
     async def db(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` (a store call) in the store's thread, in order."""
-        result: T = await self._store_thread.call(fn, *args)
-        return result
+        return await self._store_thread.call(fn, *args)
 
     def background(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
         """Run ``fn(*args)`` in the server's task group, inside an error

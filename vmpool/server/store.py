@@ -13,7 +13,6 @@ may not survive the machine losing power.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sqlite3
@@ -165,58 +164,3 @@ class SQLiteStore:
                       bool(r[9]))
             for r in rows
         ]
-
-
-class StoreThread:
-    """The store's one thread: every call of the server runs there, in the
-    order made, never on the event loop (a commit never stalls a request).
-
-    Calls made while the thread is busy queue up and are run back to back,
-    each answered on the event loop without blocking the thread, so many
-    concurrent addJobs cost one wake-up, not one thread hand-off each.
-    Used from an asyncio event loop (the server is aiohttp's).
-    """
-
-    def __init__(self, store: SQLiteStore) -> None:
-        import queue
-
-        self.store = store
-        self._calls: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="vmpool-store", daemon=True)
-        self._thread.start()
-
-    async def call(self, fn: Any, *args: Any) -> Any:
-        import asyncio
-
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Any] = loop.create_future()
-        self._calls.put((loop, fut, fn, args))
-        # not cancellable half-way: a committed add must reach its caller
-        return await asyncio.shield(fut)
-
-    def close(self) -> None:
-        """Run what is queued, then stop (blocks until the thread is done)."""
-        self._calls.put(None)
-        self._thread.join(timeout=30)
-
-    def _run(self) -> None:
-        while True:
-            item = self._calls.get()
-            if item is None:
-                return
-            loop, fut, fn, args = item
-            try:
-                result, error = fn(*args), None
-            except BaseException as e:  # handed to the caller, never lost here
-                result, error = None, e
-            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits
-                loop.call_soon_threadsafe(_settle, fut, result, error)
-
-
-def _settle(fut: Any, result: Any, error: BaseException | None) -> None:
-    if fut.cancelled():
-        return
-    if error is not None:
-        fut.set_exception(error)
-    else:
-        fut.set_result(result)
