@@ -224,12 +224,13 @@ async def beacon() -> AsyncIterator[Beacon]:
 class Local:
     """One test's owner, state directory and uid range, and its job factory."""
 
-    def __init__(self, tmp: Path, slot: int) -> None:
+    def __init__(self, tmp: Path, slot: int, *, tag: str = "tld", uid_base: int = UID_BASE,
+                 uids: int = UIDS) -> None:
         self.tmp = tmp
-        self.owner = f"tld{slot}-{os.getpid()}"
+        self.owner = f"{tag}{slot}-{os.getpid()}"
         self.state = tmp / "state"
-        self.uid_base = UID_BASE + UIDS * slot
-        self.uids = set(range(self.uid_base, self.uid_base + UIDS))
+        self.uid_base = uid_base + uids * slot
+        self.uids = set(range(self.uid_base, self.uid_base + uids))
         self.extra_state_dirs: list[Path] = []
         (tmp / "out").mkdir()
 

@@ -42,6 +42,7 @@ from .jobs import (
     recipe_job,
     warm,
 )
+from .test_local_driver import Local
 
 UID_BASE = 64000
 UIDS = 20  # per test
@@ -51,24 +52,20 @@ ROOT = Path(__file__).resolve().parents[1]
 _slots = itertools.count()
 
 
-class Env:
-    """One test's owner, state directory and uids, and a job factory."""
+class Env(Local):
+    """One test's owner, state directory and uids (this module's range), and
+    a job factory."""
 
     def __init__(self, tmp: Path, slot: int) -> None:
-        self.tmp = tmp
-        self.owner = f"tsb{slot}-{os.getpid()}"
-        self.state = tmp / "state"
-        self.uid_base = UID_BASE + UIDS * slot
-        self.uids = set(range(self.uid_base, self.uid_base + UIDS))
-        (tmp / "out").mkdir()
+        super().__init__(tmp, slot, tag="tsb", uid_base=UID_BASE, uids=UIDS)
         self._n = 0
 
-    def driver(self, **kw: Any) -> LocalVMMS:
+    def driver(self, **kw: Any) -> LocalVMMS:  # type: ignore[override]
         kw.setdefault("state_dir", str(self.state))
         kw.setdefault("uid_count", UIDS)
         return LocalVMMS(owner=self.owner, uid_base=self.uid_base, **kw)
 
-    def job(self, recipe: list[str], files: dict[str, str] | None = None,
+    def job(self, recipe: list[str], files: dict[str, str] | None = None,  # type: ignore[override]
             **kw: Any) -> TangoJob:
         self._n += 1
         kw.setdefault("timeout", 60)
