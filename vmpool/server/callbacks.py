@@ -16,14 +16,13 @@ from __future__ import annotations
 import logging
 import os
 import ssl
+from collections.abc import Awaitable, Callable
 from urllib.parse import quote
 
 import aiohttp
 import anyio
-import anyio.to_thread
 
 from .config import ServerConfig
-from .store import SQLiteStore
 
 log = logging.getLogger("vmpool.server")
 
@@ -57,10 +56,12 @@ def tls_context(config: ServerConfig) -> ssl.SSLContext | bool:
 class Callbacks:
     """Sends callbacks over one HTTP client; counts what was sent and what failed."""
 
-    def __init__(self, config: ServerConfig, store: SQLiteStore,
+    def __init__(self, config: ServerConfig, mark_done: Callable[[int], Awaitable[object]],
                  http: aiohttp.ClientSession) -> None:
         self.config = config
-        self.store = store
+        #: records in the store that a job's callback is over (through the
+        #: server's store thread, as every store call)
+        self.mark_done = mark_done
         self.http = http
         self.tls = tls_context(config)
         #: delivered (any answer below 500)
@@ -86,7 +87,7 @@ class Callbacks:
             log.exception("callback for job %s to %s: unexpected error, not sent (%s: %s)",
                           job_id, url, type(e).__name__, e)
         try:
-            await anyio.to_thread.run_sync(self.store.callback_done, job_id)
+            await self.mark_done(job_id)
         except Exception:
             log.exception("callback for job %s: could not mark it done", job_id)
 

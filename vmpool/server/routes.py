@@ -99,7 +99,8 @@ class TangoServer:
     def start(self, tg: anyio.abc.TaskGroup, http: aiohttp.ClientSession) -> None:
         """Background work (callbacks) runs in ``tg``; callbacks go through ``http``."""
         self._tg = tg
-        self.callbacks = Callbacks(self.config, self.store, http)
+        self.callbacks = Callbacks(
+            self.config, lambda job_id: self.db(self.store.callback_done, job_id), http)
 
     def close_store(self) -> None:
         """Finish the store calls made (blocks until the store's thread ends)."""
