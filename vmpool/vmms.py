@@ -163,6 +163,11 @@ def safe_name(name: str) -> str:
     return cleaned if cleaned[:1].isalnum() else f"x{cleaned}"
 
 
+#: C0 controls and DEL: never in a name (a newline in a name ends up in an
+#: HTTP header, a log line, a trace line or a Prometheus label)
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def check_dest_name(dest: str) -> str:
     """Validate a ``destFile`` name: relative, inside the job directory.
 
@@ -175,7 +180,7 @@ def check_dest_name(dest: str) -> str:
         raise UnsafePathError("destFile is empty")
     if "\x00" in dest:
         raise UnsafePathError(f"destFile {dest!r} contains a NUL byte")
-    bad = re.search(r"[\x01-\x1f\x7f]", dest)
+    bad = CONTROL_CHARS.search(dest)  # NUL was named above
     if bad is not None:
         raise UnsafePathError(
             f"destFile {dest!r} contains a control character ({bad.group()!r})")

@@ -11,13 +11,12 @@ from typing import Any
 
 from ..errors import JobError
 from ..models import InputFile, TangoJob, TangoMachine, pool_name
-from ..vmms import check_dest_name
+from ..vmms import CONTROL_CHARS, check_dest_name
 
 #: the longest file name most file systems take, in bytes
 NAME_MAX = 255
-#: C0 controls and DEL: never in a name (a newline in a name ends up in an
-#: HTTP header, a log line, a trace line or a Prometheus label)
-CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: control characters are never in a name (the core's rule for destFile)
+CONTROL = CONTROL_CHARS
 #: Tango's VMMS names (tango-cli sends ``vmms: "localDocker"`` by default).
 #: Tango ignores the ``vmms`` of addJob and prealloc bodies; so does vmpool
 #: for these names (a vmpool driver name still picks that driver).
