@@ -85,15 +85,9 @@ from vmpool.vmms import VMMS, add_memory_line, check_input_files, format_seconds
 
 from .cgroups import CgroupSet, cgroup_support
 from .sandbox import (
-    AUTODRIVER as AUTODRIVER_IN_SANDBOX,
-)
-from .sandbox import (
-    JOB_DIR as JOB_DIR_IN_SANDBOX,
-)
-from .sandbox import (
-    OUT_DIR as OUT_DIR_IN_SANDBOX,
-)
-from .sandbox import (
+    AUTODRIVER_IN_SANDBOX,
+    JOB_DIR_IN_SANDBOX,
+    OUT_DIR_IN_SANDBOX,
     JobNet,
     Layout,
     Network,

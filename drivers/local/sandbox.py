@@ -38,7 +38,7 @@ import os
 import shutil
 import signal
 import subprocess
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -46,9 +46,9 @@ from typing import Literal
 from drivers.policy import AUTODRIVER_CAPS, SANDBOX_ENV
 
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt")
-JOB_DIR = "/home/autograde/autolab"
-OUT_DIR = "/run/vmpool/out"
-AUTODRIVER = "/run/vmpool/autodriver.py"
+JOB_DIR_IN_SANDBOX = "/home/autograde/autolab"
+OUT_DIR_IN_SANDBOX = "/run/vmpool/out"
+AUTODRIVER_IN_SANDBOX = "/run/vmpool/autodriver.py"
 #: capabilities of the autodriver as root inside the sandbox (bubblewrap's names)
 CAPS = tuple(f"CAP_{c}" for c in AUTODRIVER_CAPS)
 #: the addresses a job never reaches, whatever else it may (link-local:
@@ -92,7 +92,7 @@ class Layout:
     def scratch(self) -> dict[str, Path]:
         """Sandbox path -> host directory of the job's writable places."""
         return {
-            JOB_DIR: self.job,
+            JOB_DIR_IN_SANDBOX: self.job,
             "/tmp": self.fs / "tmp",
             "/var/tmp": self.fs / "vartmp",
             "/dev/shm": self.fs / "shm",
@@ -132,14 +132,14 @@ def bwrap_command(
     cmd += cover(hidden, visible, root, str(layout.empty))
     cmd += ["--dev", "/dev", "--proc", "/proc", "--perms", "0755", "--tmpfs", "/run"]
     for inside, host in layout.scratch().items():
-        if inside != JOB_DIR:
+        if inside != JOB_DIR_IN_SANDBOX:
             cmd += [*parents(inside, made), "--bind", str(host), inside]
     cmd += [
         "--perms", "0755", "--dir", "/home", "--perms", "0755", "--dir", "/home/autograde",
-        "--bind", str(layout.job), JOB_DIR,
+        "--bind", str(layout.job), JOB_DIR_IN_SANDBOX,
         "--perms", "0700", "--dir", "/run/vmpool",
-        "--bind", str(layout.out), OUT_DIR,
-        "--ro-bind", str(layout.d / "autodriver.py"), AUTODRIVER,
+        "--bind", str(layout.out), OUT_DIR_IN_SANDBOX,
+        "--ro-bind", str(layout.d / "autodriver.py"), AUTODRIVER_IN_SANDBOX,
         "--ro-bind", str(layout.d / "etc" / "passwd"), "/etc/passwd",
         "--ro-bind", str(layout.d / "etc" / "group"), "/etc/group",
         "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
@@ -306,8 +306,8 @@ def host_addresses() -> list[str]:
         return []
 
 
-def _run(cmd: list[str], env: Mapping[str, str] | None = None) -> None:
-    done = subprocess.run(cmd, capture_output=True, timeout=30, check=False, env=env)
+def _run(cmd: list[str]) -> None:
+    done = subprocess.run(cmd, capture_output=True, timeout=30, check=False)
     if done.returncode != 0:
         raise OSError(
             f"{cmd[0]} failed (exit {done.returncode}): "
