@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,6 +100,19 @@ class _running:
         await self.http.close()
         self.stop.set()
         await self.tg.__aexit__(None, None, None)
+
+
+@contextlib.asynccontextmanager
+async def local_app(app: web.Application) -> AsyncIterator[int]:
+    """``app`` served on 127.0.0.1 (a callback receiver); yields its port."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        yield site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    finally:
+        await runner.cleanup()
 
 
 def job_body(**over: Any) -> dict[str, Any]:
@@ -349,33 +364,28 @@ async def test_callback_arrives(tmp_path: Path) -> None:
     app = web.Application()
     app.router.add_post("/cb", catch)
     app.router.add_post("/broken", broken)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     settings = Settings(default_vmms="sim", pool_size=1)
-    try:
-        async with _running(make_config(tmp_path, settings, callback_tries=3)) as s:
-            await opened(s)
-            _, body = await s.post("/addJob/test/lab/", json=job_body(
-                callback_url=f"http://127.0.0.1:{port}/cb"))
-            assert body["statusMsg"] == "Job added"
-            _, body = await s.post("/addJob/test/lab/", json=job_body(
-                jobName="b", output_file="b.out", notifyURL=f"http://127.0.0.1:{port}/broken"))
-            with anyio.fail_after(10):
-                await got.wait()
-            out = await wait_output(s, "lab", "hello.out")
-            assert received == [("hello.out", out, "hello.out")]
-            with anyio.fail_after(10):
-                while True:
-                    _, body, _ = await s.get("/info/test/")
-                    if body["info"]["callbacks_failed"] == 1:
-                        break
-                    await anyio.sleep(0.02)  # ok-sleep: a retried callback gives up; bounded
-            assert len(failing_hits) == 3 and body["info"]["callbacks_sent"] == 1
-    finally:
-        await runner.cleanup()
+    async with (
+        local_app(app) as port,
+        _running(make_config(tmp_path, settings, callback_tries=3)) as s,
+    ):
+        await opened(s)
+        _, body = await s.post("/addJob/test/lab/", json=job_body(
+            callback_url=f"http://127.0.0.1:{port}/cb"))
+        assert body["statusMsg"] == "Job added"
+        _, body = await s.post("/addJob/test/lab/", json=job_body(
+            jobName="b", output_file="b.out", notifyURL=f"http://127.0.0.1:{port}/broken"))
+        with anyio.fail_after(10):
+            await got.wait()
+        out = await wait_output(s, "lab", "hello.out")
+        assert received == [("hello.out", out, "hello.out")]
+        with anyio.fail_after(10):
+            while True:
+                _, body, _ = await s.get("/info/test/")
+                if body["info"]["callbacks_failed"] == 1:
+                    break
+                await anyio.sleep(0.02)  # ok-sleep: a retried callback gives up; bounded
+        assert len(failing_hits) == 3 and body["info"]["callbacks_sent"] == 1
 
 
 async def test_full_cycle_on_the_local_driver(tmp_path: Path) -> None:

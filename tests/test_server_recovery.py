@@ -28,7 +28,15 @@ from vmpool.server.labs import lab_md5s
 from vmpool.server.store import SQLiteStore
 
 from .conftest import autograder_re
-from .test_server import MAKEFILE, _running, job_body, make_config, opened, wait_output
+from .test_server import (
+    MAKEFILE,
+    _running,
+    job_body,
+    local_app,
+    make_config,
+    opened,
+    wait_output,
+)
 
 MIB = 1 << 20
 
@@ -59,15 +67,8 @@ async def callback_catcher() -> AsyncIterator[tuple[str, list[tuple[str, bytes]]
 
     app = web.Application()
     app.router.add_post("/cb", catch)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
+    async with local_app(app) as port:
         yield f"http://127.0.0.1:{port}/cb", got
-    finally:
-        await runner.cleanup()
 
 
 async def until(predicate: Any, limit: float = 20) -> None:
