@@ -19,6 +19,8 @@ import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+from autodriver import autodriver as _autodriver
+
 #: What the autodriver needs as root in a sandbox or container, and nothing
 #: else: switch to the grading uid (SETUID, SETGID), hand it the job's files
 #: and clean up after it (CHOWN, FOWNER, DAC_OVERRIDE), kill every process of
@@ -31,8 +33,9 @@ AUTODRIVER_CAPS: tuple[str, ...] = (
     "CHOWN", "SETUID", "SETGID", "FOWNER", "KILL", "DAC_OVERRIDE", "SYS_RESOURCE",
 )
 
-#: The PATH a job gets unless its image says otherwise.
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: The PATH a job gets unless its image says otherwise (the autodriver's own
+#: default: the one file that runs in every VM defines it)
+DEFAULT_PATH = _autodriver.DEFAULT_PATH
 
 #: The autodriver's own environment in a sandbox: nothing of the server's.
 #: (The autodriver hands the job its own short list: PATH, HOME, USER,
