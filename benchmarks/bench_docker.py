@@ -34,7 +34,7 @@ import anyio
 from common import latency_row, run_and_report
 
 from autodriver import SOURCE as AUTODRIVER
-from drivers.docker import DockerVMMS
+from vmpool_drivers.docker import DockerVMMS
 from vmpool import Manager, Outcome, Settings, make_job
 
 IMAGE = "vmpool/grader:latest"

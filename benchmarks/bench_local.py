@@ -26,7 +26,7 @@ from pathlib import Path
 import anyio
 from common import latency_row, run_and_report
 
-from drivers.local import LocalVMMS
+from vmpool_drivers.local import LocalVMMS
 from vmpool import Manager, Outcome, Settings, make_job
 
 

@@ -29,12 +29,12 @@ async def measure(driver: str, jobs: int, options: dict[str, Any], network: bool
         work = Path(tmp)
         (work / "Makefile").write_text("all:\n\t@echo hello\n")
         if driver == "local":
-            from drivers.local import LocalVMMS
+            from vmpool_drivers.local import LocalVMMS
 
             drv: Any = LocalVMMS(owner=f"walls-{time.time_ns()}",
                                  state_dir=str(work / "state"), **options)
         else:
-            from drivers.docker import DockerVMMS
+            from vmpool_drivers.docker import DockerVMMS
 
             drv = DockerVMMS(owner=f"walls-{time.time_ns()}", **options)
         image = IMAGES[driver]

@@ -36,7 +36,7 @@ import anyio.abc
 import pytest
 from aiodocker.exceptions import DockerError
 
-from drivers.docker import DockerVMMS
+from vmpool_drivers.docker import DockerVMMS
 from vmpool import (
     InputFile,
     JobError,

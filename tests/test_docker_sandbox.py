@@ -27,7 +27,7 @@ import aiodocker
 import anyio
 import pytest
 
-from drivers.policy import UID_DIR, UidRegistry, file_quotas
+from vmpool_drivers.policy import UID_DIR, UidRegistry, file_quotas
 from vmpool import JobHandle, Manager, Outcome, TangoMachine
 
 from .jobs import HOG_PY, MEMORY_BOMB_PY, finish, read_lines, warm

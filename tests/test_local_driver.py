@@ -32,9 +32,9 @@ import anyio
 import anyio.abc
 import pytest
 
-from drivers.local import LocalVMMS
-from drivers.local.driver import BubblewrapMissing
-from drivers.local.sandbox import Layout, detach, remove_netns
+from vmpool_drivers.local import LocalVMMS
+from vmpool_drivers.local.driver import BubblewrapMissing
+from vmpool_drivers.local.sandbox import Layout, detach, remove_netns
 from vmpool import (
     InitializeVMError,
     InputFile,

@@ -33,7 +33,7 @@ import aiodocker
 import anyio
 import pytest
 
-from drivers.policy import UidRegistry
+from vmpool_drivers.policy import UidRegistry
 from vmpool import JobHandle, Manager, Outcome, Settings
 
 from .conftest import ROOT
@@ -121,7 +121,7 @@ class LocalEnv:
         return {k: v for k, v in left.items() if v}
 
     async def clean(self) -> None:
-        from drivers.local import LocalVMMS
+        from vmpool_drivers.local import LocalVMMS
 
         if self.state.is_dir():
             for o in self.state.iterdir():

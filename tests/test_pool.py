@@ -5,7 +5,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from drivers.sim import FaultRule, SimVMMS
+from vmpool_drivers.sim import FaultRule, SimVMMS
 from vmpool import InitializeVMError, Pool, PoolClosedError, PoolSpec
 
 SPEC = PoolSpec("img.img", "sim")

@@ -10,7 +10,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from drivers.sim import FaultRule, SimVMMS, SimWorld
+from vmpool_drivers.sim import FaultRule, SimVMMS, SimWorld
 from vmpool import (
     InputFile,
     JobError,

@@ -36,7 +36,7 @@ from typing import IO, Any
 import anyio
 import pytest
 
-from drivers.local import LocalVMMS
+from vmpool_drivers.local import LocalVMMS
 from vmpool.server.store import SQLiteStore
 
 from .conftest import autograder_re

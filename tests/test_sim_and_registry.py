@@ -7,7 +7,7 @@ import random
 import anyio
 import pytest
 
-from drivers.sim import FaultRule, Latency, SimVMMS
+from vmpool_drivers.sim import FaultRule, Latency, SimVMMS
 from vmpool import (
     VMMS,
     Settings,

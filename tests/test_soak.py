@@ -14,7 +14,7 @@ from pathlib import Path
 
 import anyio
 
-from drivers.sim import FaultRule, SimVMMS
+from vmpool_drivers.sim import FaultRule, SimVMMS
 from vmpool import JobHandle, Manager, Outcome, Settings
 
 from .conftest import JobFactory, autograder_re

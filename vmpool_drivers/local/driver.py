@@ -11,16 +11,16 @@ Each VM is
   ``getVMs`` finds sandboxes left by a crashed process); while the driver
   lives it holds an ``flock`` on ``<state_dir>/<owner>.lock``, so that a
   later start (whoever's) knows the owner's sandboxes are orphans only once
-  that lock is free (:meth:`LocalVMMS.getOrphans`, :mod:`drivers.liveness`);
+  that lock is free (:meth:`LocalVMMS.getOrphans`, :mod:`vmpool_drivers.liveness`);
 - a dedicated unprivileged uid from ``uid_base`` .. ``uid_base+uid_count-1``,
-  claimed host-wide (:class:`drivers.policy.UidRegistry`) so that several
+  claimed host-wide (:class:`vmpool_drivers.policy.UidRegistry`) so that several
   managers and drivers on one host never share one;
 - a cgroup (v2, or the v1 ``pids``, ``memory`` and ``cpu`` hierarchies)
   with a pids and a memory limit and an equal CPU share, when the cgroup
   file system is writable.
 
 runJob starts the autodriver inside bubblewrap, with the policy of
-:mod:`drivers.local.sandbox`: the image's system directories only, the
+:mod:`vmpool_drivers.local.sandbox`: the image's system directories only, the
 server's paths covered, a short environment, new pid, ipc, uts and network
 namespaces. The autodriver runs as root inside with only the capabilities
 it needs to switch to the VM's uid, kill the job's processes and clean up;
@@ -60,8 +60,8 @@ import anyio.to_thread
 
 from autodriver import COMPILE_PY
 from autodriver import SOURCE as AUTODRIVER
-from drivers.liveness import OwnerLock, dead_owner, remove_lock_file
-from drivers.policy import (
+from vmpool_drivers.liveness import OwnerLock, dead_owner, remove_lock_file
+from vmpool_drivers.policy import (
     DEFAULT_DISK_QUOTA,
     DEFAULT_INODE_QUOTA,
     SANDBOX_ENV,

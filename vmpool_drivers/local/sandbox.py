@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from drivers.policy import AUTODRIVER_CAPS, SANDBOX_ENV
+from vmpool_drivers.policy import AUTODRIVER_CAPS, SANDBOX_ENV
 
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt")
 JOB_DIR_IN_SANDBOX = "/home/autograde/autolab"

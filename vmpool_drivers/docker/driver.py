@@ -21,7 +21,7 @@ Every container is labelled with its owner and with the identity of the
 process that made it (``vmpool.process``: host, boot id, pid namespace,
 pid, start time, and a nonce per driver): :meth:`DockerVMMS.getOrphans`
 returns the containers whose maker is provably gone (see
-:mod:`drivers.liveness`), whoever owned them.
+:mod:`vmpool_drivers.liveness`), whoever owned them.
 
 An exec'd process cannot be killed through the engine, so a job's deadline
 is enforced twice: by the autodriver inside, and by cancellation outside —
@@ -29,17 +29,17 @@ when runJob is cancelled the container is killed at once (and the pool
 destroys the VM).
 
 The sandbox (README, "Security model"; the shared parts are in
-:mod:`drivers.policy`):
+:mod:`vmpool_drivers.policy`):
 
 - environment: the job gets only the autodriver's short list plus what the
   image declares (its ``Env``, read once per image) and the pool's ``env``
   option, as ``--env`` options; the exec itself gets an explicit ``Env``.
-- capabilities: ``CapDrop ALL`` + :data:`~drivers.policy.AUTODRIVER_CAPS`
+- capabilities: ``CapDrop ALL`` + :data:`~vmpool_drivers.policy.AUTODRIVER_CAPS`
   (never DAC_READ_SEARCH), ``no-new-privileges``, the engine's default
   seccomp profile (``seccomp_profile`` replaces it, e.g. "unconfined" in
   the tests that show the autodriver's own filter holds).
 - a host uid of its own per container: claimed host-wide in the
-  :class:`~drivers.policy.UidRegistry` when the container is made, given to
+  :class:`~vmpool_drivers.policy.UidRegistry` when the container is made, given to
   the grading user inside it (its passwd and group entries are rewritten by
   the first job's exec), released once the container is gone. Per-uid
   limits (RLIMIT_NPROC, the autodriver's "every process of the grading
@@ -48,7 +48,7 @@ The sandbox (README, "Security model"; the shared parts are in
   grading users would still be one host uid.
 - files: the grading user's home (the job directory), /tmp, /var/tmp and
   /dev/shm are size- and inode-limited tmpfs mounts
-  (:func:`~drivers.policy.file_quotas`: together at most half the VM's
+  (:func:`~vmpool_drivers.policy.file_quotas`: together at most half the VM's
   memory), and nothing else on the container's root file system is
   writable by the grading user (world-writable paths of the image are found
   once per image, in a container of their own, and made not so in each
@@ -85,8 +85,8 @@ from aiodocker.exceptions import DockerError
 
 from autodriver import COMPILE_PY
 from autodriver import SOURCE as AUTODRIVER
-from drivers import liveness
-from drivers.policy import (
+from vmpool_drivers import liveness
+from vmpool_drivers.policy import (
     AUTODRIVER_CAPS,
     DEFAULT_DISK_QUOTA,
     DEFAULT_INODE_QUOTA,
@@ -146,7 +146,7 @@ LABEL_VM = "vmpool.vm"
 LABEL_IMAGE = "vmpool.image"
 LABEL_UID = "vmpool.uid"
 #: the process (and driver) that made the container, alive or not: see
-#: drivers.liveness.process_mark
+#: vmpool_drivers.liveness.process_mark
 LABEL_PROCESS = "vmpool.process"
 #: a job's input tar and feedback go through files of this many bytes a write
 SPOOL_CHUNK = 256 * KIB
@@ -240,7 +240,7 @@ class DockerVMMS(VMMS):
         #: the autodriver compiled by each image's Python (unchecked-hash .pyc)
         self._compiled: dict[str, bytes] = {}
         # Alive until close: containers marked with this driver's nonce are
-        # not orphans (see drivers.liveness), whoever asks.
+        # not orphans (see vmpool_drivers.liveness), whoever asks.
         self._nonce = uuid.uuid4().hex[:12]
         liveness.register(self._nonce)
         self._mark = liveness.process_mark(self._nonce)

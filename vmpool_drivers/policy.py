@@ -4,7 +4,7 @@ What a job may see and do is the same on every driver (README, "Security
 model"); this module holds the parts the drivers share: the capabilities
 the autodriver keeps as root in a sandbox or container, the job's
 environment, the disk quotas, and the host-wide registry of grading uids.
-The bubblewrap command of the local driver is in ``drivers/local/sandbox.py``;
+The bubblewrap command of the local driver is in ``vmpool_drivers/local/sandbox.py``;
 what the job itself is refused (user namespaces, the kernel keyring,
 ``open_by_handle_at``: a seccomp filter, and ``PR_SET_NO_NEW_PRIVS``) is
 installed by the autodriver in the job's process on every driver.
