@@ -34,8 +34,8 @@ import anyio
 from common import latency_row, run_and_report
 
 from autodriver import SOURCE as AUTODRIVER
-from vmpool_drivers.docker import DockerVMMS
 from vmpool import Manager, Outcome, Settings, make_job
+from vmpool_drivers.docker import DockerVMMS
 
 IMAGE = "vmpool/grader:latest"
 MAKEFILE = "all:\n\t@echo hello\n"

@@ -26,8 +26,8 @@ from pathlib import Path
 import anyio
 from common import latency_row, run_and_report
 
-from vmpool_drivers.local import LocalVMMS
 from vmpool import Manager, Outcome, Settings, make_job
+from vmpool_drivers.local import LocalVMMS
 
 
 async def through_pool(work: Path, jobs: int, size: int) -> list[float]:

@@ -28,9 +28,9 @@ from pathlib import Path
 import anyio
 from common import run_and_report
 
-from vmpool_drivers.sim import SimVMMS
 from vmpool import Manager, Outcome, Settings, make_job
 from vmpool.stats import percentile
+from vmpool_drivers.sim import SimVMMS
 
 
 @dataclass

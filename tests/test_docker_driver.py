@@ -36,7 +36,6 @@ import anyio.abc
 import pytest
 from aiodocker.exceptions import DockerError
 
-from vmpool_drivers.docker import DockerVMMS
 from vmpool import (
     InputFile,
     JobError,
@@ -50,6 +49,7 @@ from vmpool import (
     UnsafePathError,
     make_job,
 )
+from vmpool_drivers.docker import DockerVMMS
 
 from .conftest import ROOT, autograder_re
 from .jobs import (

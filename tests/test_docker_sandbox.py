@@ -27,8 +27,8 @@ import aiodocker
 import anyio
 import pytest
 
-from vmpool_drivers.policy import UID_DIR, UidRegistry, file_quotas
 from vmpool import JobHandle, Manager, Outcome, TangoMachine
+from vmpool_drivers.policy import UID_DIR, UidRegistry, file_quotas
 
 from .jobs import HOG_PY, MEMORY_BOMB_PY, finish, read_lines, warm
 from .test_docker_driver import (

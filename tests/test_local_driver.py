@@ -32,9 +32,6 @@ import anyio
 import anyio.abc
 import pytest
 
-from vmpool_drivers.local import LocalVMMS
-from vmpool_drivers.local.driver import BubblewrapMissing
-from vmpool_drivers.local.sandbox import Layout, detach, remove_netns
 from vmpool import (
     InitializeVMError,
     InputFile,
@@ -47,6 +44,9 @@ from vmpool import (
     TangoMachine,
     UnsafePathError,
 )
+from vmpool_drivers.local import LocalVMMS
+from vmpool_drivers.local.driver import BubblewrapMissing
+from vmpool_drivers.local.sandbox import Layout, detach, remove_netns
 
 from .conftest import autograder_re
 from .jobs import (

@@ -33,8 +33,8 @@ import aiodocker
 import anyio
 import pytest
 
-from vmpool_drivers.policy import UidRegistry
 from vmpool import JobHandle, Manager, Outcome, Settings
+from vmpool_drivers.policy import UidRegistry
 
 from .conftest import ROOT
 from .jobs import driver_test_settings, finish, processes_of, read_lines, recipe_job, warm

@@ -5,8 +5,8 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from vmpool_drivers.sim import FaultRule, SimVMMS
 from vmpool import InitializeVMError, Pool, PoolClosedError, PoolSpec
+from vmpool_drivers.sim import FaultRule, SimVMMS
 
 SPEC = PoolSpec("img.img", "sim")
 

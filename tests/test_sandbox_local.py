@@ -27,11 +27,11 @@ import anyio.abc
 import anyio.streams.text
 import pytest
 
+from vmpool import DestroyVMError, Manager, Outcome, TangoJob, TangoMachine
 from vmpool_drivers.local import LocalVMMS
 from vmpool_drivers.local import driver as local_driver
 from vmpool_drivers.local.sandbox import _CAP_NUMBERS as _CAPS
 from vmpool_drivers.policy import AUTODRIVER_CAPS, UidRegistry, pids_of_uid
-from vmpool import DestroyVMError, Manager, Outcome, TangoJob, TangoMachine
 
 from .jobs import (
     HOG_PY,

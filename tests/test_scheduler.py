@@ -10,7 +10,6 @@ from pathlib import Path
 import anyio
 import pytest
 
-from vmpool_drivers.sim import FaultRule, SimVMMS, SimWorld
 from vmpool import (
     InputFile,
     JobError,
@@ -21,6 +20,7 @@ from vmpool import (
     TangoMachine,
     UnknownImageError,
 )
+from vmpool_drivers.sim import FaultRule, SimVMMS, SimWorld
 
 from .conftest import CTIME, JobFactory, autograder_re
 

@@ -36,8 +36,8 @@ from typing import IO, Any
 import anyio
 import pytest
 
-from vmpool_drivers.local import LocalVMMS
 from vmpool.server.store import SQLiteStore
+from vmpool_drivers.local import LocalVMMS
 
 from .conftest import autograder_re
 

@@ -7,7 +7,6 @@ import random
 import anyio
 import pytest
 
-from vmpool_drivers.sim import FaultRule, Latency, SimVMMS
 from vmpool import (
     VMMS,
     Settings,
@@ -18,6 +17,7 @@ from vmpool import (
     register_driver,
 )
 from vmpool.errors import InitializeVMError, RunJobError
+from vmpool_drivers.sim import FaultRule, Latency, SimVMMS
 
 
 def test_latency_parsing_and_sampling() -> None:

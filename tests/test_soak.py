@@ -14,8 +14,8 @@ from pathlib import Path
 
 import anyio
 
-from vmpool_drivers.sim import FaultRule, SimVMMS
 from vmpool import JobHandle, Manager, Outcome, Settings
+from vmpool_drivers.sim import FaultRule, SimVMMS
 
 from .conftest import JobFactory, autograder_re
 

@@ -85,6 +85,17 @@ from aiodocker.exceptions import DockerError
 
 from autodriver import COMPILE_PY
 from autodriver import SOURCE as AUTODRIVER
+from vmpool.config import KIB, MIB
+from vmpool.errors import (
+    CopyInError,
+    CopyOutError,
+    DestroyVMError,
+    InitializeVMError,
+    RunJobError,
+    VMNotReadyError,
+)
+from vmpool.models import InputFile, TangoMachine
+from vmpool.vmms import VMMS, add_memory_line, check_input_files, format_seconds, safe_name
 from vmpool_drivers import liveness
 from vmpool_drivers.policy import (
     AUTODRIVER_CAPS,
@@ -98,17 +109,6 @@ from vmpool_drivers.policy import (
     file_quotas,
     pids_of_uid,
 )
-from vmpool.config import KIB, MIB
-from vmpool.errors import (
-    CopyInError,
-    CopyOutError,
-    DestroyVMError,
-    InitializeVMError,
-    RunJobError,
-    VMNotReadyError,
-)
-from vmpool.models import InputFile, TangoMachine
-from vmpool.vmms import VMMS, add_memory_line, check_input_files, format_seconds, safe_name
 
 log = logging.getLogger(__name__)
 

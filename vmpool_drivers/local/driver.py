@@ -60,16 +60,6 @@ import anyio.to_thread
 
 from autodriver import COMPILE_PY
 from autodriver import SOURCE as AUTODRIVER
-from vmpool_drivers.liveness import OwnerLock, dead_owner, remove_lock_file
-from vmpool_drivers.policy import (
-    DEFAULT_DISK_QUOTA,
-    DEFAULT_INODE_QUOTA,
-    SANDBOX_ENV,
-    UID_DIR,
-    UidRegistry,
-    env_args,
-    pids_of_uid,
-)
 from vmpool.config import KIB, MIB
 from vmpool.errors import (
     CopyInError,
@@ -82,6 +72,16 @@ from vmpool.errors import (
 from vmpool.models import InputFile, TangoMachine
 from vmpool.output import copy_fd
 from vmpool.vmms import VMMS, add_memory_line, check_input_files, format_seconds, safe_name
+from vmpool_drivers.liveness import OwnerLock, dead_owner, remove_lock_file
+from vmpool_drivers.policy import (
+    DEFAULT_DISK_QUOTA,
+    DEFAULT_INODE_QUOTA,
+    SANDBOX_ENV,
+    UID_DIR,
+    UidRegistry,
+    env_args,
+    pids_of_uid,
+)
 
 from .cgroups import CgroupSet, cgroup_support
 from .sandbox import (
