@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import AsyncExitStack
+
 import anyio
 import pytest
 
@@ -49,11 +51,10 @@ async def test_taking_a_vm_starts_its_replacement_at_once() -> None:
     async with make_pool(sim2, min_idle=2, max_size=3) as pool:
         with anyio.fail_after(5):
             await pool.wait_until(lambda s: s.free == 2)
-        lease = await pool.acquire()
-        # the replacement was started by acquire itself: no timer, no poll
-        st = pool.status()
-        assert st.busy == 1 and st.free + st.creating == 2
-        pool.release(lease, healthy=True)
+        async with pool.lease():
+            # the replacement was started by taking the VM: no timer, no poll
+            st = pool.status()
+            assert st.busy == 1 and st.free + st.creating == 2
     assert sim2.live == {}
 
 
@@ -76,9 +77,9 @@ async def test_one_shot_vm_is_destroyed_and_replaced() -> None:
     async with make_pool(sim, min_idle=1) as pool:
         with anyio.fail_after(5):
             await pool.wait_until(lambda s: s.free == 1)
-        lease = await pool.acquire()
-        first = lease.vm.id
-        pool.release(lease, healthy=True)
+        async with pool.lease() as lease:
+            first = lease.vm.id
+            lease.healthy = True
         with anyio.fail_after(5):
             st = await pool.wait_until(lambda s: s.free == 1 and s.destroying == 0)
         assert first not in st.free_ids
@@ -91,15 +92,16 @@ async def test_reuse_returns_only_healthy_vms() -> None:
     async with make_pool(sim, min_idle=1, reuse=True) as pool:
         with anyio.fail_after(5):
             await pool.wait_until(lambda s: s.free == 1)
-        lease = await pool.acquire()
-        pool.release(lease, healthy=True)
-        assert pool.status().free_ids == [lease.vm.id]
-        lease = await pool.acquire()
-        pool.release(lease, healthy=False)
+        async with pool.lease() as lease:
+            kept = lease.vm.id
+            lease.healthy = True
+        assert pool.status().free_ids == [kept]
+        async with pool.lease() as lease:
+            assert lease.vm.id == kept  # not healthy: destroyed after the block
         with anyio.fail_after(5):
             st = await pool.wait_until(lambda s: s.free == 1 and s.destroying == 0)
-        assert st.free_ids != [lease.vm.id]
-        assert sim.instanceName(lease.vm.id, SPEC.name) not in sim.live
+        assert st.free_ids != [kept]
+        assert sim.instanceName(kept, SPEC.name) not in sim.live
 
 
 async def test_failed_creations_back_off_and_show_in_status() -> None:
@@ -129,7 +131,8 @@ async def test_waiting_job_gets_the_creation_error() -> None:
     sim.add_fault(FaultRule("initializeVM", "raise"))
     async with make_pool(sim, min_idle=0, max_size=1) as pool:
         with anyio.fail_after(5), pytest.raises(InitializeVMError):
-            await pool.acquire()
+            async with pool.lease():
+                pass
 
 
 async def test_resize_up_and_down() -> None:
@@ -140,13 +143,13 @@ async def test_resize_up_and_down() -> None:
         with anyio.fail_after(5):
             await pool.wait_until(lambda s: s.free == 6)
         assert len(sim.live) == 6
-        busy = await pool.acquire()
-        pool.resize(2)
-        with anyio.fail_after(5):
-            st = await pool.wait_until(lambda s: s.total == 2 and s.destroying == 0)
-        # the busy VM is kept until its job ends; it is destroyed then
-        assert st.busy == 1 and st.free == 1
-        pool.release(busy, healthy=True)
+        async with pool.lease() as busy:
+            busy.healthy = True
+            pool.resize(2)
+            with anyio.fail_after(5):
+                st = await pool.wait_until(lambda s: s.total == 2 and s.destroying == 0)
+            # the busy VM is kept until its job ends; it is destroyed then
+            assert st.busy == 1 and st.free == 1
         with anyio.fail_after(5):
             st = await pool.wait_until(lambda s: s.free == 2 and s.destroying == 0)
         assert len(sim.live) == 2
@@ -165,19 +168,20 @@ async def test_close_destroys_everything_and_fails_waiters() -> None:
 
     async def waiter() -> None:
         try:
-            await pool.acquire()
+            async with pool.lease():
+                pass
         except PoolClosedError as e:
             result.append(e)
 
-    async with pool:
+    async with pool, AsyncExitStack() as held:
         with anyio.fail_after(5):
             await pool.wait_until(lambda s: s.free == 1)
-        await pool.acquire()
+        await held.enter_async_context(pool.lease())
         with anyio.fail_after(5):
             await pool.wait_until(lambda s: s.free == 1)
-        # a creation hangs, a job waits, two VMs are held and never released
+        # a creation hangs, a job waits, two VMs are held past the close
         sim.add_fault(FaultRule("initializeVM", "hang"))
-        await pool.acquire()
+        await held.enter_async_context(pool.lease())
         with anyio.fail_after(5):
             await sim.wait_for_calls("initializeVM", 3)
         async with anyio.create_task_group() as tg:
@@ -192,26 +196,29 @@ async def test_close_destroys_everything_and_fails_waiters() -> None:
     assert pool.status().total == 0
     assert pool._n_tasks == 0
     with pytest.raises(PoolClosedError):
-        await pool.acquire()
+        async with pool.lease():
+            pass
 
 
 async def test_cancelled_waiter_leaves_the_line() -> None:
     sim = SimVMMS()
     async with make_pool(sim, min_idle=0, max_size=1, reuse=True) as pool:
-        first = await pool.acquire()
+        first = pool.lease()
+        await first.__aenter__()
+        first.healthy = True
         got: list[int | None] = []
         scopes: list[anyio.CancelScope] = []
 
         async def take_cancellable() -> None:
             with anyio.CancelScope() as scope:
                 scopes.append(scope)
-                await pool.acquire()
-                got.append(-1)
+                async with pool.lease():
+                    got.append(-1)
 
         async def take() -> None:
-            lease = await pool.acquire()
-            got.append(lease.vm.id)
-            pool.release(lease, healthy=True)
+            async with pool.lease() as lease:
+                got.append(lease.vm.id)
+                lease.healthy = True
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(take_cancellable)
@@ -225,8 +232,9 @@ async def test_cancelled_waiter_leaves_the_line() -> None:
             scopes[0].cancel()
             with anyio.fail_after(5):
                 await pool.wait_until(lambda s: s.waiting == 1)
-            pool.release(first, healthy=True)
-        assert got == [first.vm.id]
+            vm_id = first.vm.id
+            await first.__aexit__(None, None, None)
+        assert got == [vm_id]
         st = pool.status()
         assert st.waiting == 0 and st.busy == 0
 
@@ -252,20 +260,21 @@ async def test_drain_destroys_everything_and_keeps_the_pool_usable() -> None:
     async with make_pool(sim, min_idle=3, max_size=3, reuse=True) as pool:
         with anyio.fail_after(5):
             await pool.wait_until(lambda s: s.free == 3)
-        held = await pool.acquire()
         async with anyio.create_task_group() as tg:
-            tg.start_soon(pool.drain)
-            with anyio.fail_after(5):
-                # idle VMs go at once; the busy one is waited for
-                await pool.wait_until(lambda s: s.free == 0 and s.destroying == 0 and s.busy == 1)
-            assert len(sim.live) == 1
-            pool.release(held, healthy=True)  # reuse is off while draining: destroyed
+            async with pool.lease() as held:
+                held.healthy = True  # reuse is off while draining: destroyed all the same
+                tg.start_soon(pool.drain)
+                with anyio.fail_after(5):
+                    # idle VMs go at once; the busy one is waited for
+                    await pool.wait_until(
+                        lambda s: s.free == 0 and s.destroying == 0 and s.busy == 1)
+                assert len(sim.live) == 1
         st = pool.status()
         assert st.total == 0 and sim.live == {} and pool.reuse
         # still open: a job gets a VM made on demand
         with anyio.fail_after(5):
-            lease = await pool.acquire()
-        pool.release(lease, healthy=True)
+            async with pool.lease():
+                pass
 
 
 class _CountingSim(SimVMMS):
@@ -285,8 +294,8 @@ async def test_max_size_caps_live_vms_when_destroying_is_slow() -> None:
     sim = _CountingSim(latency={"initializeVM": 0.01, "destroyVM": 0.2})
     async with make_pool(sim, min_idle=2, max_size=2, destroy_timeout=5.0) as pool:
         async def job() -> None:
-            lease = await pool.acquire()
-            pool.release(lease, healthy=True)  # one-shot: destroyed after its job
+            async with pool.lease() as lease:
+                lease.healthy = True  # one-shot: destroyed after its job all the same
 
         with anyio.fail_after(60):
             async with anyio.create_task_group() as tg:

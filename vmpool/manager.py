@@ -19,13 +19,14 @@ import socket
 import time
 import uuid
 from collections.abc import Sequence
+from types import TracebackType
 from typing import Any
 
 import anyio
-import anyio.abc
 
 from .config import Settings
 from .errors import JobError, PoolClosedError, UnknownImageError
+from .lifetime import Lifetime
 from .models import InputFile, TangoJob, TangoMachine
 from .pool import Pool, PoolSpec, PoolStatus
 from .registry import driver_factory, load_driver
@@ -74,44 +75,59 @@ class Manager:
         self._first_job_id = first_job_id
         self._reconcile = reconcile
         self._vm_ids = 0
-        self._tg: anyio.abc.TaskGroup | None = None
+        self._life = Lifetime(self.close)
         self._scheduler: Scheduler | None = None
-        self._closed = False
+        self._closing = False
+        self._closed = anyio.Event()
 
     # ------------------------------------------------------------------ life
 
     async def __aenter__(self) -> Manager:
-        self._tg = anyio.create_task_group()
-        await self._tg.__aenter__()
-        self._scheduler = Scheduler(
-            self.settings,
-            self.pool_for_job,
-            self._tg,
-            first_job_id=self._first_job_id,
-            on_done=self._on_done,
-        )
-        self._tg.start_soon(self._drop_idle_pools)
+        tg = await self._life.enter()
         try:
+            self._scheduler = Scheduler(
+                self.settings,
+                self.pool_for_job,
+                tg,
+                first_job_id=self._first_job_id,
+                on_done=self._on_done,
+            )
+            tg.start_soon(self._drop_idle_pools)
             for name in list(self._drivers):
                 await self.driver(name)
         except BaseException:
-            await self._tg.__aexit__(None, None, None)
+            await self._life.abort()
             raise
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+    async def __aexit__(
+        self, typ: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        return await self._life.exit(typ, exc, tb)
+
+    def request_close(self) -> None:
+        """Ask the manager's owner to shut it down: the body of its ``async
+        with`` is cancelled and the block finishes cleanly (jobs cancelled,
+        every VM destroyed). Any task may call it; it returns at once."""
+        self._life.request_close()
 
     async def close(self, *, cancel_jobs: bool = True) -> None:
-        """Cancel (or finish) the jobs, destroy every VM, close the drivers."""
-        if self._closed or self._tg is None:
+        """Cancel (or finish) the jobs, destroy every VM, close the drivers.
+
+        Any task may call it; a second call waits for the first. Called from
+        another task than the owner's, it also ends the owner's ``async
+        with`` block (as :meth:`request_close`).
+        """
+        if self._closing:
+            await self._closed.wait()
             return
-        self._closed = True
-        self._sweeper.cancel()
-        tg = self._tg
+        self._closing = True
         try:
             with anyio.CancelScope(shield=True):
-                await self.scheduler.close(cancel=cancel_jobs)
+                self._sweeper.cancel()
+                if self._scheduler is not None:
+                    await self._scheduler.close(cancel=cancel_jobs)
                 async with anyio.create_task_group() as closer:
                     for pool in self.pools.values():
                         closer.start_soon(pool.close)
@@ -121,7 +137,9 @@ class Manager:
                     except Exception:
                         log.exception("closing driver %s failed", driver.driver_name)
         finally:
-            await tg.__aexit__(None, None, None)
+            self._closed.set()
+            if not self._life.from_owner():
+                self._life.request_close()
 
     @property
     def scheduler(self) -> Scheduler:
@@ -161,8 +179,7 @@ class Manager:
                 # Until the image list is known the driver is not ready: a
                 # failure here is raised, and asked again next time (never
                 # "any image goes").
-                get_images = getattr(drv, "getImages", None)
-                self._images[name] = await get_images() if get_images is not None else None
+                self._images[name] = await drv.getImages()
             self._ready[name] = drv
             return drv
 
@@ -218,7 +235,7 @@ class Manager:
         pool = self.pools.get(spec)
         if pool is not None:
             return pool
-        if self._closed or self._tg is None:
+        if self._closing or not self._life.running:
             raise PoolClosedError("the manager is not running")
         drv = self._drivers.get(spec.vmms)
         if drv is None:
@@ -239,7 +256,7 @@ class Manager:
             backoff_initial=s.backoff_initial,
             backoff_max=s.backoff_max,
             next_vm_id=self._next_vm_id,
-            task_group=self._tg,
+            task_group=self._life.task_group,
         )
         self.pools[spec] = pool
         pool.start()
@@ -342,15 +359,15 @@ class Manager:
         """Forget an implicit pool and close it in the background."""
         self._implicit.pop(spec, None)
         pool = self.pools.pop(spec, None)
-        if pool is not None and self._tg is not None:
+        if pool is not None and self._life.running:
             log.info("pool %s dropped (made by a job's spec, now idle)", spec.key)
-            self._tg.start_soon(pool.close)
+            self._life.task_group.start_soon(pool.close)
 
     async def _drop_idle_pools(self) -> None:
         """Every so often, drop the implicit pools idle for long enough."""
         every = max(0.05, min(30.0, self.settings.implicit_pool_idle / 4))
         with self._sweeper:
-            while not self._closed:
+            while not self._closing:
                 await anyio.sleep(every)
                 now = time.monotonic()
                 for spec, used in list(self._implicit.items()):

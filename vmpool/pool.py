@@ -14,14 +14,14 @@ destroyed after their job and replaced in the background; with
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import logging
 import math
 import time
-from collections import deque
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any
 
 import anyio
@@ -29,6 +29,7 @@ import anyio.abc
 
 from .config import pool_problems
 from .errors import InitializeVMError, PoolClosedError, VMMSError, VMTimeoutError
+from .lifetime import Lifetime
 from .models import TangoMachine, pool_name
 from .vmms import VMMS
 
@@ -88,13 +89,17 @@ class VMState(enum.Enum):
     CREATING = "creating"
     FREE = "free"
     BUSY = "busy"
+    #: being destroyed (a cancelled creation too): still holds its slot
     DESTROYING = "destroying"
     #: destroy failed every time; kept in the inventory so it is not forgotten
     LEAKED = "leaked"
 
 
 @dataclass(eq=False, slots=True)
-class _VMRecord:
+class _Slot:
+    """One unit of the pool's capacity: a VM from the moment its creation
+    starts until its destruction has finished."""
+
     vm: TangoMachine
     state: VMState
     created_at: float = 0.0
@@ -106,13 +111,121 @@ class _VMRecord:
     cancelled: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class Lease:
-    """A VM handed to one job. Give it back with :meth:`Pool.release`."""
+class _Slots:
+    """Every slot of a pool by state; the pool's counts are derived from it.
 
-    vm: TangoMachine
-    #: monotonic time the VM became free (for dispatch-overhead accounting)
-    ready_at: float
+    :meth:`move` is the only place a slot changes state. Within a state slots
+    keep their order (FIFO: the VM free longest is handed out first).
+    """
+
+    __slots__ = ("_by",)
+
+    def __init__(self) -> None:
+        self._by: dict[VMState, OrderedDict[int, _Slot]] = {s: OrderedDict() for s in VMState}
+
+    def add(self, slot: _Slot) -> None:
+        self._by[slot.state][_key(slot)] = slot
+
+    def move(self, slot: _Slot, state: VMState) -> None:
+        del self._by[slot.state][_key(slot)]
+        slot.state = state
+        self._by[state][_key(slot)] = slot
+
+    def remove(self, slot: _Slot) -> None:
+        self._by[slot.state].pop(_key(slot), None)
+
+    def get(self, vm_id: int | None) -> _Slot | None:
+        if vm_id is None:
+            return None
+        for slots in self._by.values():
+            slot = slots.get(vm_id)
+            if slot is not None:
+                return slot
+        return None
+
+    def count(self, state: VMState) -> int:
+        return len(self._by[state])
+
+    def of(self, state: VMState) -> list[_Slot]:
+        return list(self._by[state].values())
+
+    def first(self, state: VMState) -> _Slot | None:
+        """The slot longest in ``state`` (None when there is none)."""
+        slots = self._by[state]
+        if not slots:
+            return None
+        return slots[next(iter(slots))]
+
+    def last(self, state: VMState) -> _Slot | None:
+        """The slot most recently put in ``state``."""
+        slots = self._by[state]
+        if not slots:
+            return None
+        return slots[next(reversed(slots))]
+
+    def all(self) -> list[_Slot]:
+        return [s for slots in self._by.values() for s in slots.values()]
+
+    def taken(self) -> int:
+        """Slots holding a VM that exists or may exist (all but leaked ones)."""
+        return len(self) - len(self._by[VMState.LEAKED])
+
+    def __len__(self) -> int:
+        return sum(len(slots) for slots in self._by.values())
+
+
+def _key(slot: _Slot) -> int:
+    return slot.vm.id or 0
+
+
+class _Waiter:
+    """A job waiting for a VM: handed a slot, or an error, then woken."""
+
+    __slots__ = ("error", "event", "slot")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.slot: _Slot | None = None
+        self.error: BaseException | None = None
+
+
+class Lease:
+    """A VM handed to one job, as ``async with pool.lease() as lease``.
+
+    The VM goes back when the block ends, whatever ends it; it is kept for
+    another job only if the holder set :attr:`healthy` (every step of the
+    job succeeded) and the pool reuses VMs. Anything else destroys it.
+    """
+
+    __slots__ = ("_front", "_pool", "_slot", "healthy")
+
+    def __init__(self, pool: Pool, front: bool) -> None:
+        self._pool = pool
+        self._front = front
+        self._slot: _Slot | None = None
+        self.healthy = False
+
+    @property
+    def vm(self) -> TangoMachine:
+        if self._slot is None:
+            raise RuntimeError("the lease holds no VM (not entered, or already given back)")
+        return self._slot.vm
+
+    @property
+    def ready_at(self) -> float:
+        """Monotonic time the VM became free (for dispatch-overhead accounting)."""
+        return self._slot.ready_at if self._slot is not None else 0.0
+
+    async def __aenter__(self) -> Lease:
+        if self._slot is not None:
+            raise RuntimeError("a lease is entered once")
+        self._slot = await self._pool._take(front=self._front)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        slot, self._slot = self._slot, None
+        if slot is not None:
+            self._pool._give_back(slot, healthy=self.healthy)
 
 
 @dataclass
@@ -184,7 +297,10 @@ class Pool:
 
     Use it as ``async with Pool(...) as pool`` (it owns its own task group),
     or pass ``task_group=`` to run its background work in a group the caller
-    owns; either way :meth:`close` destroys every VM and awaits every task.
+    owns and call :meth:`start`; either way :meth:`close` (from any task)
+    destroys every VM and awaits every task of the pool.
+
+    Jobs hold VMs as leases: ``async with pool.lease() as lease: ...``.
     """
 
     def __init__(
@@ -232,15 +348,10 @@ class Pool:
         self.backoff_max = backoff_max
         self._next_vm_id = next_vm_id or _counter()
 
-        self._vms: dict[int, _VMRecord] = {}
-        self._free: deque[_VMRecord] = deque()
-        self._n_creating = 0
-        self._n_busy = 0
-        self._n_destroying = 0
-        # Waiters are futures in FIFO order; a cancelled one stays in the deque
-        # (skipped when reached) so that cancelling many is not quadratic.
-        self._waiters: deque[asyncio.Future[_VMRecord]] = deque()
-        self._n_waiting = 0
+        self._slots = _Slots()
+        # Jobs waiting for a VM, in FIFO order (a retried job goes first); a
+        # cancelled waiter leaves at once, in O(1).
+        self._waiters: OrderedDict[_Waiter, None] = OrderedDict()
 
         self._failed_total = 0
         self._consecutive_failures = 0
@@ -251,36 +362,37 @@ class Pool:
         self._creators = _Workers(self, self._create, create_concurrency)
         self._destroyers = _Workers(self, self._destroy, max(4, 2 * create_concurrency))
 
-        self._tg = task_group
-        self._own_tg: anyio.abc.TaskGroup | None = None
+        self._given_tg = task_group
+        self._tg: anyio.abc.TaskGroup | None = task_group
+        self._life = Lifetime(self.close)
         self._n_tasks = 0
         self._change_events: list[anyio.Event] = []
         self._closing = False
-        self._closed = False
+        self._closed = anyio.Event()
 
     # ------------------------------------------------------------------ life
 
     async def __aenter__(self) -> Pool:
-        if self._tg is None:
-            self._own_tg = anyio.create_task_group()
-            self._tg = await self._own_tg.__aenter__()
+        self._tg = await self._life.enter(self._given_tg)
         self._refill()
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        try:
-            with anyio.CancelScope(shield=True):
-                await self.close()
-        finally:
-            if self._own_tg is not None:
-                tg, self._own_tg = self._own_tg, None
-                await tg.__aexit__(None, None, None)
+    async def __aexit__(
+        self, typ: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        return await self._life.exit(typ, exc, tb)
 
     def start(self) -> None:
         """Begin filling the pool (when it runs in a caller's task group)."""
         if self._tg is None:
             raise RuntimeError(f"pool {self.spec.key}: no task group; use 'async with pool'")
         self._refill()
+
+    def request_close(self) -> None:
+        """Ask the pool's owner to close it: its ``async with`` block finishes
+        (the body is cancelled) and the pool closes. Any task may call it."""
+        self._life.request_close()
 
     @property
     def name(self) -> str:
@@ -292,79 +404,68 @@ class Pool:
 
     # ------------------------------------------------------------ job side
 
-    async def acquire(self, *, front: bool = False) -> Lease:
-        """Wait for a warm VM and take it.
+    def lease(self, *, front: bool = False) -> Lease:
+        """Wait for a warm VM and hold it for the ``async with`` block.
 
         Jobs get VMs in FIFO order; ``front=True`` (a retried job) goes to the
         head of the line. If a creation fails while jobs wait, the first
         waiting job receives the error (as in Tango, where a job's own VM
         creation failing fails that attempt), so a broken pool fails its jobs
-        instead of holding them forever.
+        instead of holding them forever. Raises PoolClosedError once closing.
         """
+        return Lease(self, front)
+
+    async def _take(self, *, front: bool) -> _Slot:
         if self._closing:
             raise PoolClosedError(f"pool {self.spec.key} is closed")
-        if self._free and self._n_waiting == 0:
-            rec = self._free.popleft()
-            self._mark_busy(rec)
+        slot = self._slots.first(VMState.FREE)
+        if slot is not None and not self._waiters:
+            self._slots.move(slot, VMState.BUSY)
             self._refill()
-            return Lease(rec.vm, rec.ready_at)
-        fut: asyncio.Future[_VMRecord] = asyncio.get_running_loop().create_future()
+            return slot
+        waiter = _Waiter()
+        self._waiters[waiter] = None
         if front:
-            self._waiters.appendleft(fut)
-        else:
-            self._waiters.append(fut)
-        self._n_waiting += 1
+            self._waiters.move_to_end(waiter, last=False)
         self._refill()
         try:
-            rec = await fut
+            await waiter.event.wait()
         except BaseException:
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
+            self._waiters.pop(waiter, None)
+            if waiter.slot is not None:
                 # A VM was handed over as we were cancelled: it is unused and
                 # healthy, so it goes to the next waiter.
-                rec = fut.result()
-                self._n_busy -= 1
+                slot, waiter.slot = waiter.slot, None
                 if self._closing:
-                    self._start_destroy(rec, "pool closing")
+                    self._start_destroy(slot, "pool closing")
                 else:
-                    self._make_available(rec)
-                self._refill()
-            elif not fut.done() or fut.cancelled():
-                # Our own cancellation (the future is cancelled with the task):
-                # leave the line. Futures given an exception were counted out
-                # by whoever gave it.
-                fut.cancel()
-                if not self._closing:
-                    self._n_waiting -= 1
-                self._refill()
+                    self._make_available(slot)
+            self._refill()
             raise
-        return Lease(rec.vm, rec.ready_at)
+        if waiter.error is not None:
+            raise waiter.error
+        assert waiter.slot is not None
+        return waiter.slot
 
-    def release(self, lease: Lease | TangoMachine, *, healthy: bool) -> None:
-        """Give a VM back after a job.
-
-        ``healthy`` means every step of the job succeeded and the autodriver
-        exited normally. Only a healthy VM of a ``reuse`` pool that is not over
-        its size goes back; anything else is destroyed in the background and
-        replaced. Returns at once.
-        """
-        vm = lease.vm if isinstance(lease, Lease) else lease
-        rec = self._vms.get(vm.id) if vm.id is not None else None
-        if rec is None or rec.state is not VMState.BUSY:
-            log.warning("pool %s: release of unknown or idle VM %s ignored", self.spec.key, vm.id)
+    def _give_back(self, slot: _Slot, *, healthy: bool) -> None:
+        """A VM back after a job: kept only if healthy, reused and wanted;
+        anything else is destroyed in the background and replaced."""
+        if slot.state is not VMState.BUSY:
+            log.warning("pool %s: VM %s given back while %s; ignored", self.spec.key,
+                        slot.vm.id, slot.state.value)
             return
-        rec.uses += 1
-        self._n_busy -= 1
+        slot.uses += 1
         keep = (
             healthy
             and self.reuse
             and not self._closing
-            and self._n_active() + 1 <= self.max_size
-            and (self._n_waiting > 0 or len(self._free) < self.min_idle)
+            and self._n_live() <= self.max_size
+            and (bool(self._waiters) or self._slots.count(VMState.FREE) < self.min_idle)
         )
         if keep:
-            self._make_available(rec)
+            self._make_available(slot)
         else:
-            self._start_destroy(rec, "one-shot" if healthy else "in doubt after its job")
+            self._start_destroy(slot, "one-shot" if healthy else "in doubt after its job")
         self._refill()
 
     # ------------------------------------------------------------- control
@@ -402,8 +503,8 @@ class Pool:
             reuse, self.reuse = self.reuse, False
             try:
                 self._refill()
-                while self._free:
-                    self._start_destroy(self._free.popleft(), "drain")
+                for slot in self._slots.of(VMState.FREE):
+                    self._start_destroy(slot, "drain")
                 await self._wait_until(self._quiet)
             finally:
                 self.reuse = reuse
@@ -411,116 +512,118 @@ class Pool:
     async def close(self, *, busy_grace: float = 10.0) -> None:
         """Destroy every VM, fail waiting jobs, await every background task.
 
-        Busy VMs are destroyed when their job releases them (close the
-        scheduler, which cancels its jobs, before its pools); one still held
+        Any task may call it (a second call waits for the first). Busy VMs
+        are destroyed when their job gives them back (close the scheduler,
+        which cancels its jobs, before its pools); one still held
         ``busy_grace`` seconds later is destroyed under its holder.
         """
-        if not self._closing:
-            self._closing = True
-            for fut in self._waiters:
-                if not fut.done():
-                    fut.set_exception(PoolClosedError(f"pool {self.spec.key} is closed"))
-            self._waiters.clear()
-            self._n_waiting = 0
-            if self._wake_scope is not None:
-                self._wake_scope.cancel()
-            for rec in list(self._vms.values()):
-                self._cancel_creation(rec)
-            while self._free:
-                self._start_destroy(self._free.popleft(), "pool closing")
+        if self._closing:
+            await self._closed.wait()
+            return
+        self._closing = True
+        try:
+            await self._close(busy_grace)
+        finally:
+            self._closed.set()
+            if not self._life.from_owner():
+                self._life.request_close()
+
+    async def _close(self, busy_grace: float) -> None:
+        waiters, self._waiters = list(self._waiters), OrderedDict()
+        for w in waiters:
+            w.error = PoolClosedError(f"pool {self.spec.key} is closed")
+            w.event.set()
+        if self._wake_scope is not None:
+            self._wake_scope.cancel()
+        for slot in self._slots.of(VMState.CREATING):
+            self._cancel_creation(slot)
+        for slot in self._slots.of(VMState.FREE):
+            self._start_destroy(slot, "pool closing")
+        self._changed()
         with anyio.move_on_after(busy_grace):
-            await self._wait_until(lambda: self._n_busy == 0)
-        for rec in list(self._vms.values()):
-            if rec.state is VMState.BUSY:
-                log.warning("pool %s: VM %s still held at close; destroying it", self.spec.key,
-                            rec.vm.id)
-                self._n_busy -= 1
-                self._start_destroy(rec, "held past close")
+            await self._wait_until(lambda: self._slots.count(VMState.BUSY) == 0)
+        for slot in self._slots.of(VMState.BUSY):
+            log.warning("pool %s: VM %s still held at close; destroying it", self.spec.key,
+                        slot.vm.id)
+            self._start_destroy(slot, "held past close")
         # Work the workers may not live to do (their task group cancelled):
         # creations never started need nothing; queued destroys run here.
-        self._creators.drop_queued(lambda rec: self._vms.pop(rec.vm.id or 0, None))
+        while (queued := self._creators.take()) is not None:
+            self._slots.remove(queued)
         while (queued := self._destroyers.take()) is not None:
-            with anyio.CancelScope(shield=True):
-                await self._destroy(queued)
+            await self._destroy(queued)
         await self._wait_until(self._quiet)
         self._creators.stop()
         self._destroyers.stop()
         await self._wait_until(lambda: self._n_tasks == 0)
         # Anything whose destroy failed every time gets one last safe destroy.
-        for rec in list(self._vms.values()):
-            if rec.state is VMState.LEAKED:
-                with anyio.move_on_after(self.destroy_timeout):
-                    try:
-                        await self.driver.safeDestroyVM(rec.vm)
-                        self._vms.pop(rec.vm.id or 0, None)
-                    except Exception as e:
-                        log.error("pool %s: VM %s could not be destroyed: %s", self.spec.key,
-                                  rec.vm.id, e)
-        self._closed = True
+        for slot in self._slots.of(VMState.LEAKED):
+            with anyio.move_on_after(self.destroy_timeout):
+                try:
+                    await self.driver.safeDestroyVM(slot.vm)
+                    self._slots.remove(slot)
+                except Exception as e:
+                    log.error("pool %s: VM %s could not be destroyed: %s", self.spec.key,
+                              slot.vm.id, e)
 
     def status(self) -> PoolStatus:
-        by_state: dict[VMState, list[int]] = {s: [] for s in VMState}
-        for vm_id, rec in self._vms.items():
-            by_state[rec.state].append(vm_id)
+        slots = self._slots
+
+        def ids(state: VMState) -> list[int]:
+            return sorted(_key(s) for s in slots.of(state))
+
         return PoolStatus(
             name=self.spec.name,
             key=self.spec.key,
             min_idle=self.min_idle,
             max_size=self.max_size,
             reuse=self.reuse,
-            total=self._n_active(),
-            free=len(self._free),
-            busy=self._n_busy,
-            creating=self._n_creating,
-            destroying=self._n_destroying,
-            waiting=self._n_waiting,
+            total=self._n_live(),
+            free=slots.count(VMState.FREE),
+            busy=slots.count(VMState.BUSY),
+            creating=slots.count(VMState.CREATING),
+            destroying=slots.count(VMState.DESTROYING),
+            waiting=len(self._waiters),
             failed=self._failed_total,
             consecutive_failures=self._consecutive_failures,
             backoff_remaining=max(0.0, self._backoff_until - time.monotonic()),
             last_error=self._last_error,
-            leaked=sorted(by_state[VMState.LEAKED]),
-            free_ids=sorted(by_state[VMState.FREE]),
-            busy_ids=sorted(by_state[VMState.BUSY]),
-            creating_ids=sorted(by_state[VMState.CREATING]),
+            leaked=ids(VMState.LEAKED),
+            free_ids=ids(VMState.FREE),
+            busy_ids=ids(VMState.BUSY),
+            creating_ids=ids(VMState.CREATING),
             closed=self._closing,
         )
 
     def inventory(self) -> list[TangoMachine]:
         """Every VM the pool knows of, whatever its state (for leak checks)."""
-        return [rec.vm for rec in self._vms.values()]
+        return [slot.vm for slot in self._slots.all()]
 
     # ------------------------------------------------------------ internals
 
-    def _n_active(self) -> int:
-        return len(self._free) + self._n_busy + self._n_creating
+    def _n_live(self) -> int:
+        """VMs that are or will be usable: free, busy and being created."""
+        s = self._slots
+        return s.count(VMState.FREE) + s.count(VMState.BUSY) + s.count(VMState.CREATING)
 
     def _quiet(self) -> bool:
         """No VM left (but leaked ones) and no creation or destroy in flight."""
         return (
-            not self._live_records()
+            self._slots.taken() == 0
             and self._creators.idle()
             and self._destroyers.idle()
             and self._wake_scope is None
         )
 
-    def _live_records(self) -> bool:
-        return any(rec.state is not VMState.LEAKED for rec in self._vms.values())
-
-    def _mark_busy(self, rec: _VMRecord) -> None:
-        rec.state = VMState.BUSY
-        self._n_busy += 1
-
-    def _make_available(self, rec: _VMRecord) -> None:
-        rec.ready_at = time.monotonic()
-        while self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                self._n_waiting -= 1
-                self._mark_busy(rec)
-                fut.set_result(rec)
-                return
-        rec.state = VMState.FREE
-        self._free.append(rec)
+    def _make_available(self, slot: _Slot) -> None:
+        slot.ready_at = time.monotonic()
+        if self._waiters:
+            waiter, _ = self._waiters.popitem(last=False)
+            self._slots.move(slot, VMState.BUSY)
+            waiter.slot = slot
+            waiter.event.set()
+        else:
+            self._slots.move(slot, VMState.FREE)
 
     def _changed(self) -> None:
         events, self._change_events = self._change_events, []
@@ -576,25 +679,27 @@ class Pool:
     def _rebalance(self) -> None:
         if self._tg is None or self._closing:
             return
-        # Shrink: idle VMs over the cap or over the warm target go first,
-        # then creations in flight over the cap.
-        excess = self._n_active() - self.max_size
-        while self._free and (excess > 0 or len(self._free) > self.min_idle):
-            self._start_destroy(self._free.pop(), "pool shrunk")
+        slots = self._slots
+        # Shrink: idle VMs over the cap or over the warm target go first
+        # (the newest), then creations in flight over the cap.
+        excess = self._n_live() - self.max_size
+        while (newest := slots.last(VMState.FREE)) is not None and (
+            excess > 0 or slots.count(VMState.FREE) > self.min_idle
+        ):
+            self._start_destroy(newest, "pool shrunk")
             excess -= 1
-        if excess > 0:
-            for rec in list(self._vms.values()):
-                if excess <= 0:
-                    break
-                if self._cancel_creation(rec):
-                    excess -= 1
-        # Grow: enough VMs for the warm target plus every waiting job. A VM
-        # being destroyed still holds its place until it is gone: max_size
-        # caps the VMs alive, however slow destruction is.
-        want = self.min_idle + self._n_waiting - len(self._free) - self._n_creating
-        room = self.max_size - self._n_active() - self._n_destroying
-        slots = self.create_concurrency - self._n_creating
-        n = min(want, room, slots)
+        for slot in slots.of(VMState.CREATING) if excess > 0 else ():
+            if excess <= 0:
+                break
+            if self._cancel_creation(slot):
+                excess -= 1
+        # Grow: enough VMs for the warm target plus every waiting job, in
+        # free slots only: a slot is taken until its VM is destroyed, so
+        # max_size caps the VMs alive however slow destruction is.
+        creating = slots.count(VMState.CREATING)
+        want = self.min_idle + len(self._waiters) - slots.count(VMState.FREE) - creating
+        room = self.max_size - slots.taken()
+        n = min(want, room, self.create_concurrency - creating)
         if n <= 0:
             return
         now = time.monotonic()
@@ -604,20 +709,19 @@ class Pool:
                 self._spawn(self._wake_after_backoff, self._wake_scope)
             return
         for _ in range(n):
-            vm_id = self._next_vm_id()
-            rec = _VMRecord(self.spec.machine(vm_id), VMState.CREATING, created_at=now)
-            rec.scope = anyio.CancelScope()
-            self._vms[vm_id] = rec
-            self._n_creating += 1
-            self._creators.put(rec)
+            slot = _Slot(self.spec.machine(self._next_vm_id()), VMState.CREATING, created_at=now)
+            slot.scope = anyio.CancelScope()
+            slots.add(slot)
+            self._creators.put(slot)
 
-    def _cancel_creation(self, rec: _VMRecord) -> bool:
-        """Cancel a creation in flight; it stops counting as a VM at once."""
-        if rec.state is not VMState.CREATING or rec.scope is None or rec.cancelled:
+    def _cancel_creation(self, slot: _Slot) -> bool:
+        """Cancel a creation in flight: its VM is destroyed once the
+        creation has stopped, and holds its slot until then."""
+        if slot.state is not VMState.CREATING or slot.scope is None:
             return False
-        rec.cancelled = True
-        rec.scope.cancel()
-        self._n_creating -= 1
+        slot.cancelled = True
+        slot.scope.cancel()
+        self._slots.move(slot, VMState.DESTROYING)
         return True
 
     async def _wake_after_backoff(self, scope: anyio.CancelScope) -> None:
@@ -628,15 +732,15 @@ class Pool:
             self._wake_scope = None
         self._refill()
 
-    async def _create(self, rec: _VMRecord) -> None:
-        vm = rec.vm
-        if rec.cancelled:
+    async def _create(self, slot: _Slot) -> None:
+        vm = slot.vm
+        if slot.cancelled:
             # cancelled before it started: nothing exists to destroy
-            self._vms.pop(vm.id or 0, None)
+            self._slots.remove(slot)
             self._refill()
             return
         error: BaseException | None = None
-        scope = rec.scope
+        scope = slot.scope
         assert scope is not None
         # One cancel scope: the pool cancels it (shrink, close) and its
         # deadline moves from step to step.
@@ -654,28 +758,26 @@ class Pool:
         except BaseException:
             # Cancelled from outside (the owner's task group is going away):
             # the workers may be gone too, so the VM is destroyed here.
-            if not rec.cancelled:
-                rec.cancelled = True
-                self._n_creating -= 1
-            rec.state = VMState.DESTROYING
-            self._n_destroying += 1
-            with anyio.CancelScope(shield=True):
-                await self._destroy(rec)
+            if slot.state is VMState.CREATING:
+                self._slots.move(slot, VMState.DESTROYING)
+            await self._destroy(slot)
             raise
-        cancelled = rec.cancelled
-        if scope.cancelled_caught and not cancelled and error is None:
+        if slot.cancelled:
+            # the pool cancelled it (its slot is DESTROYING already)
+            self._queue_destroy(slot, "creation cancelled")
+            self._refill()
+            return
+        if scope.cancelled_caught and error is None:
             error = VMTimeoutError(step, limit)
-        if not cancelled:
-            self._n_creating -= 1
-        if error is None and not cancelled and not self._closing:
+        if error is None and not self._closing:
             self._consecutive_failures = 0
-            self._make_available(rec)
+            self._make_available(slot)
             log.debug("pool %s: VM %s ready", self.spec.key, vm.id)
             self._refill()
             return
-        if error is not None and not cancelled:
+        if error is not None:
             self._creation_failed(vm, error)
-        self._start_destroy(rec, "creation failed" if error else "creation cancelled")
+        self._start_destroy(slot, "creation failed" if error else "pool closing")
         self._refill()
 
     def _creation_failed(self, vm: TangoMachine, error: BaseException) -> None:
@@ -693,122 +795,99 @@ class Pool:
             self.spec.key, vm.id, detail, delay,
         )
         # The job at the head of the line takes the failure for this attempt.
-        while self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                self._n_waiting -= 1
-                if isinstance(error, VMMSError):
-                    exc: VMMSError = error
-                else:
-                    exc = InitializeVMError(f"creating VM failed: {detail}")
-                fut.set_exception(exc)
-                break
+        if self._waiters:
+            waiter, _ = self._waiters.popitem(last=False)
+            waiter.error = (error if isinstance(error, VMMSError)
+                            else InitializeVMError(f"creating VM failed: {detail}"))
+            waiter.event.set()
 
-    def _start_destroy(self, rec: _VMRecord, why: str) -> None:
-        if rec.state is VMState.DESTROYING:
+    def _start_destroy(self, slot: _Slot, why: str) -> None:
+        if slot.state in (VMState.DESTROYING, VMState.LEAKED):
             return
-        rec.state = VMState.DESTROYING
-        self._n_destroying += 1
-        log.debug("pool %s: destroying VM %s (%s)", self.spec.key, rec.vm.id, why)
-        self._destroyers.put(rec)
+        self._slots.move(slot, VMState.DESTROYING)
+        self._queue_destroy(slot, why)
 
-    async def _destroy(self, rec: _VMRecord) -> None:
-        """Destroy a VM: shielded from cancellation, each attempt bounded."""
+    def _queue_destroy(self, slot: _Slot, why: str) -> None:
+        log.debug("pool %s: destroying VM %s (%s)", self.spec.key, slot.vm.id, why)
+        self._destroyers.put(slot)
+
+    async def _destroy(self, slot: _Slot) -> None:
+        """Destroy a VM: shielded from cancellation, each attempt bounded;
+        its slot is free once this returns."""
         gone = False
-        for attempt in range(self.destroy_attempts):
-            problem = ""
-            with anyio.CancelScope(shield=True) as scope:
-                scope.deadline = anyio.current_time() + self.destroy_timeout
-                try:
-                    await self.driver.destroyVM(rec.vm)
-                    gone = True
-                except Exception as e:
-                    problem = str(e) or type(e).__name__
-            if gone:
-                break
-            if scope.cancelled_caught:
-                problem = f"timed out after {self.destroy_timeout:g} s"
-            log.warning(
-                "pool %s: destroying VM %s failed (attempt %d/%d): %s",
-                self.spec.key, rec.vm.id, attempt + 1, self.destroy_attempts, problem,
-            )
-            if attempt + 1 < self.destroy_attempts:
-                with anyio.CancelScope(shield=True):
+        with anyio.CancelScope(shield=True):
+            for attempt in range(self.destroy_attempts):
+                problem = ""
+                with anyio.move_on_after(self.destroy_timeout) as scope:
+                    try:
+                        await self.driver.destroyVM(slot.vm)
+                        gone = True
+                    except Exception as e:
+                        problem = str(e) or type(e).__name__
+                if gone:
+                    break
+                if scope.cancelled_caught:
+                    problem = f"timed out after {self.destroy_timeout:g} s"
+                log.warning(
+                    "pool %s: destroying VM %s failed (attempt %d/%d): %s",
+                    self.spec.key, slot.vm.id, attempt + 1, self.destroy_attempts, problem,
+                )
+                if attempt + 1 < self.destroy_attempts:
                     await anyio.sleep(min(self.backoff_max, 0.05 * 2**attempt))
-        self._n_destroying -= 1
         if gone:
-            self._vms.pop(rec.vm.id or 0, None)
+            self._slots.remove(slot)
         else:
-            rec.state = VMState.LEAKED
+            self._slots.move(slot, VMState.LEAKED)
             log.error("pool %s: VM %s could not be destroyed; kept as leaked", self.spec.key,
-                      rec.vm.id)
-        self._refill()  # its place is free: a waiting job may get a VM now
+                      slot.vm.id)
+        self._refill()  # its slot is free: a waiting job may get a VM now
 
 
 class _Workers:
-    """Up to ``limit`` long-lived tasks working through a queue.
+    """Up to ``limit`` long-lived tasks working through a queue (a memory
+    object stream); a worker is added when work waits and none is free.
 
-    A parked worker is woken for new work; spawning a task per item would
-    cost more than a fast driver's whole call. Workers run in the pool's
-    task group and exit on :meth:`stop`.
+    Spawning a task per item would cost more than a fast driver's whole
+    call. Workers run in the pool's task group and end on :meth:`stop`.
     """
 
-    def __init__(
-        self, pool: Pool, work: Callable[[_VMRecord], Awaitable[None]], limit: int
-    ) -> None:
+    def __init__(self, pool: Pool, work: Callable[[_Slot], Awaitable[None]], limit: int) -> None:
         self._pool = pool
         self._work = work
         self._limit = limit
-        self._queue: deque[_VMRecord] = deque()
-        self._parked: deque[asyncio.Future[None]] = deque()
+        self._send, self._receive = anyio.create_memory_object_stream[_Slot](math.inf)
         self._n = 0
         self._busy = 0
-        self._stopping = False
 
-    def put(self, rec: _VMRecord) -> None:
-        self._queue.append(rec)
-        while self._parked:
-            fut = self._parked.popleft()
-            if not fut.done():
-                fut.set_result(None)
-                return
-        if self._n < self._limit:
+    def put(self, slot: _Slot) -> None:
+        self._send.send_nowait(slot)
+        # handed straight to a parked worker, or left in the buffer: then
+        # one more worker, if the limit allows
+        if self._send.statistics().current_buffer_used and self._n < self._limit:
             self._n += 1
             self._pool._spawn(self._run)
 
     def idle(self) -> bool:
-        return not self._queue and self._busy == 0
+        return self._busy == 0 and not self._send.statistics().current_buffer_used
 
-    def take(self) -> _VMRecord | None:
+    def take(self) -> _Slot | None:
         """Take a queued item to do it oneself (None when there is none)."""
-        return self._queue.popleft() if self._queue else None
-
-    def drop_queued(self, drop: Callable[[_VMRecord], object]) -> None:
-        while self._queue:
-            drop(self._queue.popleft())
+        try:
+            return self._receive.receive_nowait()
+        except (anyio.WouldBlock, anyio.EndOfStream):
+            return None
 
     def stop(self) -> None:
-        self._stopping = True
-        while self._parked:
-            fut = self._parked.popleft()
-            if not fut.done():
-                fut.set_result(None)
+        self._send.close()
 
     async def _run(self) -> None:
         try:
-            while True:
-                while self._queue:
-                    rec = self._queue.popleft()
-                    self._busy += 1
-                    try:
-                        await self._work(rec)
-                    finally:
-                        self._busy -= 1
-                        self._pool._changed()
-                if self._stopping:
-                    return
-                fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-                self._parked.append(fut)
-                await fut
+            async for slot in self._receive:
+                self._busy += 1
+                try:
+                    await self._work(slot)
+                finally:
+                    self._busy -= 1
+                    self._pool._changed()
         finally:
             self._n -= 1

@@ -32,7 +32,7 @@ from .errors import JobError, PoolClosedError, VMMSError
 from .metrics import Histogram
 from .models import TangoJob, TangoMachine
 from .output import HERE_IS_OUTPUT, autograder_line, finish_output, temp_path_for
-from .pool import Pool
+from .pool import Lease, Pool
 from .threads import SerialThread
 from .vmms import EXIT_OK, EXIT_OSERROR, EXIT_TIMEOUT, EXIT_USAGE, check_input_files, format_seconds
 
@@ -350,16 +350,33 @@ class Scheduler:
     async def _try_once(
         self, h: JobHandle, steps: dict[str, int | None], overhead: list[float]
     ) -> _Final:
-        job, pool, s = h.job, h.pool, self.settings
-        driver = pool.driver
+        job, pool = h.job, h.pool
         queued_at = time.monotonic()
+        entered = False
         try:
-            lease = await pool.acquire(front=job.retries > 0)
+            # The lease gives the VM back however the block ends: nothing
+            # stands between taking it and the path that returns it.
+            async with pool.lease(front=job.retries > 0) as lease:
+                entered = True
+                return await self._on_vm(h, lease, steps, overhead, queued_at)
         except VMMSError as e:
+            if entered:
+                raise
             raise _SystemFailure(f"Internal error: initializeVM failed: {e}") from None
         except PoolClosedError:
+            if entered:
+                raise
             reason = h._cancel_reason or f"pool {pool.spec.key} was closed"
             return _Final(Outcome.CANCELLED, f"Error: Job cancelled ({reason})")
+
+    async def _on_vm(
+        self, h: JobHandle, lease: Lease, steps: dict[str, int | None], overhead: list[float],
+        queued_at: float,
+    ) -> _Final:
+        """One try on the VM the lease holds; sets ``lease.healthy`` when the
+        VM may serve another job."""
+        job, pool, s = h.job, h.pool, self.settings
+        driver = pool.driver
         self.queue_wait.observe(pool.spec.key, time.monotonic() - queued_at)
         vm = lease.vm
         h.vm = vm
@@ -368,7 +385,6 @@ class Scheduler:
         job.vm.id = vm.id  # the VM it runs on (Tango's job.vm; /jobs shows vm.id)
         vm_name = driver.instanceName(vm.id, vm.name)
         job.log(f"Assigned job {job.name}:{job.id} existing VM {vm_name}")
-        healthy = False
         feedback = temp_path_for(job.outputFile, f"vmpool-{job.id}-{job.retries}.feedback")
         timeout = job.timeout or s.runjob_timeout
         status: int | None = None
@@ -425,7 +441,7 @@ class Scheduler:
                 self.counters.runjob_errors += 1
                 raise _SystemFailure("Error: OS error while running job on VM")
             if status == EXIT_OK:
-                healthy = True
+                lease.healthy = True
                 return _Final(Outcome.SUCCESS, "Success: Autodriver returned normally",
                               status, feedback)
             if status == EXIT_TIMEOUT:
@@ -442,8 +458,6 @@ class Scheduler:
         except BaseException:
             _unlink(feedback)
             raise
-        finally:
-            pool.release(lease, healthy=healthy)
 
     def _stepped(self, step: str, started: float) -> float:
         now = anyio.current_time()
