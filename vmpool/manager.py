@@ -313,8 +313,10 @@ class Manager:
         """Refuse cores or memory beyond what the driver can give one VM."""
         drv = self._drivers.get(spec.vmms)
         problems = []
-        for label, asked, most in (("cores", spec.cores, getattr(drv, "max_cores", None)),
-                                   ("memory", spec.memory, getattr(drv, "max_memory_mb", None))):
+        if drv is None:
+            return
+        for label, asked, most in (("cores", spec.cores, drv.max_cores),
+                                   ("memory", spec.memory, drv.max_memory_mb)):
             if asked is not None and most is not None and asked > most:
                 unit = " MB" if label == "memory" else ""
                 problems.append(f"'{label}' {asked}{unit} is more than driver {spec.vmms!r} "

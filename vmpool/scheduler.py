@@ -108,9 +108,21 @@ class JobHandle:
         self.result: JobResult | None = None
         self.submitted_at = time.monotonic()
         self.vm: TangoMachine | None = None
-        self._scope = anyio.CancelScope()
+        #: the scope the job's task runs in (cancel() cancels it)
+        self.scope = anyio.CancelScope()
         self._cancel_reason: str | None = None
         self._done = anyio.Event()
+
+    @property
+    def cancel_reason(self) -> str | None:
+        """Why the job was cancelled (None if it was not)."""
+        return self._cancel_reason
+
+    def ended(self, result: JobResult) -> None:
+        """The job's end (the scheduler's, once): its result, and its waiters woken."""
+        self.result = result
+        self.state = JobState.DONE
+        self._done.set()
 
     def done(self) -> bool:
         return self.result is not None
@@ -132,7 +144,7 @@ class JobHandle:
             return False
         if self._cancel_reason is None:
             self._cancel_reason = reason
-        self._scope.cancel()
+        self.scope.cancel()
         return True
 
     def __repr__(self) -> str:
@@ -295,10 +307,10 @@ class Scheduler:
         steps: dict[str, int | None] = _fresh_steps()
         overhead: list[float] = []
         try:
-            with h._scope:
+            with h.scope:
                 # cancelled before it started: a cancel scope only acts at an
                 # await, and a fast driver may never reach one
-                if not h._scope.cancel_called:
+                if not h.scope.cancel_called:
                     final = await self._tries(h, failures, steps, overhead)
         except Exception as e:
             # A bug of ours, not the driver's (those are caught per try): the
@@ -308,7 +320,7 @@ class Scheduler:
         finally:
             with anyio.CancelScope(shield=True):
                 if final is None:
-                    reason = h._cancel_reason or "vmpool is shutting down"
+                    reason = h.cancel_reason or "vmpool is shutting down"
                     final = _Final(Outcome.CANCELLED, f"Error: Job cancelled ({reason})")
                 # Let the job that was just handed our VM start its run before
                 # we spend time writing our output file.
@@ -366,7 +378,7 @@ class Scheduler:
         except PoolClosedError:
             if entered:
                 raise
-            reason = h._cancel_reason or f"pool {pool.spec.key} was closed"
+            reason = h.cancel_reason or f"pool {pool.spec.key} was closed"
             return _Final(Outcome.CANCELLED, f"Error: Job cancelled ({reason})")
 
     async def _on_vm(
@@ -549,7 +561,7 @@ class Scheduler:
         # job's name (a course or student may be called "Error...") stays out.
         job.log(closing_trace(final.message, final.outcome, failures, self.settings.job_retries))
         job.assigned = False
-        h.result = JobResult(
+        result = JobResult(
             id=h.id,
             name=job.name,
             outcome=final.outcome,
@@ -564,12 +576,11 @@ class Scheduler:
             finished_at=time.monotonic(),
             dispatch_overhead=overhead[-1] if overhead else None,
         )
-        h.state = JobState.DONE
         self.counters.outcomes[final.outcome.value] += 1
-        self.job_seconds.observe(final.outcome.value, h.result.finished_at - h.submitted_at)
+        self.job_seconds.observe(final.outcome.value, result.finished_at - h.submitted_at)
         if self.live.get(h.id) is h:
             del self.live[h.id]
-        h._done.set()
+        h.ended(result)
         if not self.live:
             events, self._idle_events = self._idle_events, []
             for ev in events:

@@ -73,17 +73,43 @@ class SerialThread:
                     self._thread.start()
 
     def _run(self) -> None:
+        # Answers are posted to the loop in batches: one wake-up of the loop
+        # for calls that ran back to back, not one each (a burst of finishing
+        # jobs); a batch is posted as soon as nothing more is queued.
+        done: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[Any], Any,
+                         BaseException | None]] = []
         while True:
+            if done and self._calls.empty():
+                self._post(done)
+                done = []
             item = self._calls.get()
             if item is None:
+                self._post(done)
                 return
             loop, fut, fn, args = item
             try:
                 result, error = fn(*args), None
             except BaseException as e:  # handed to the caller, never lost here
                 result, error = None, e
+            done.append((loop, fut, result, error))
+            if len(done) >= 64:
+                self._post(done)
+                done = []
+
+    @staticmethod
+    def _post(done: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[Any], Any,
+                               BaseException | None]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
+        for loop, fut, result, error in done:
+            by_loop.setdefault(loop, []).append((fut, result, error))
+        for loop, answers in by_loop.items():
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits
-                loop.call_soon_threadsafe(_settle, fut, result, error)
+                loop.call_soon_threadsafe(_settle_all, answers)
+
+
+def _settle_all(answers: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for fut, result, error in answers:
+        _settle(fut, result, error)
 
 
 def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
