@@ -31,6 +31,8 @@ from types import ModuleType
 
 import pytest
 
+import autodriver
+
 from .jobs import DAEMON_PY, ELISION, FORK_BOMB_PY, MEMORY_BOMB_PY, processes_of
 
 AUTODRIVER = Path(__file__).resolve().parent.parent / "autodriver" / "autodriver.py"
@@ -698,3 +700,52 @@ def test_gives_up_on_processes_that_cannot_be_killed(monkeypatch: pytest.MonkeyP
         "Job exited with status 0",
         "Gave up killing user processes",
     ]
+
+
+# The drivers' command line (autodriver.arguments)
+
+
+def test_arguments_are_what_the_autodriver_parses() -> None:
+    """Every option the helper can give, read back by the autodriver's own
+    parser (argparse) and by its fast path, which agree."""
+    ad = _load_autodriver()
+    args = autodriver.arguments(
+        timeout=2.5, max_output=1024000, nproc=100, fsize=104857600, job_dir="/job dir",
+        memory=1 << 30, cpu_seconds=7, user="#61000", output="/out/feedback",
+        partial="/out/partial", env={"JAVA_HOME": "/opt/jdk", "EMPTY": "", "X": "a=b c"},
+        quota=True, seccomp=False, cgroup=False,
+    )
+    assert args[:8] == ["-u", "100", "-f", "104857600", "-t", "2.5", "-o", "1024000"]
+    assert args[-1] == "/job dir"
+    parsed = vars(ad.build_parser().parse_args(args))
+    assert parsed == {
+        "nproc": 100, "fsize": 104857600, "timeout": 2.5, "osize": 1024000,
+        "mem": 1 << 30, "cpu": 7, "user": "#61000", "output": "/out/feedback",
+        "partial": "/out/partial", "env": ["EMPTY=", "JAVA_HOME=/opt/jdk", "X=a=b c"],
+        "quota": True, "no_seccomp": True, "no_cleanup": False, "no_cgroup": True,
+        "directory": "/job dir",
+    }
+    assert vars(ad.quick_parse(args)) == parsed
+    # the defaults leave every vmpool option out
+    plain = autodriver.arguments(timeout=10, max_output=0, nproc=0, fsize=0, job_dir="/j")
+    assert plain == ["-u", "0", "-f", "0", "-t", "10", "-o", "0", "/j"]
+    assert vars(ad.quick_parse(plain)) == vars(ad.build_parser().parse_args(plain))
+
+
+def test_arguments_in_tangos_form() -> None:
+    ad = _load_autodriver()
+    args = autodriver.arguments(timeout=10, max_output=1024000, nproc=100, fsize=104857600,
+                                job_dir="/home/autograde/autolab", tango_only=True)
+    # what Tango's own autodriver is given, and nothing else
+    assert args == ["-u", "100", "-f", "104857600", "-t", "10", "-o", "1024000",
+                    "/home/autograde/autolab"]
+    assert ad.build_parser().parse_args(args).timeout == 10
+    with pytest.raises(ValueError, match="--mem"):
+        autodriver.arguments(timeout=1, max_output=0, nproc=0, fsize=0, job_dir="/j",
+                             memory=1, tango_only=True)
+
+
+@pytest.mark.parametrize("env", [{"": "x"}, {"A=B": "x"}, {"A": "x\x00y"}])
+def test_arguments_refuse_a_bad_environment(env: dict[str, str]) -> None:
+    with pytest.raises(ValueError, match="bad environment variable"):
+        autodriver.arguments(timeout=1, max_output=0, nproc=0, fsize=0, job_dir="/j", env=env)

@@ -260,15 +260,14 @@ async def test_drain_destroys_everything_and_keeps_the_pool_usable() -> None:
     async with make_pool(sim, min_idle=3, max_size=3, reuse=True) as pool:
         with anyio.fail_after(5):
             await pool.wait_until(lambda s: s.free == 3)
-        async with anyio.create_task_group() as tg:
-            async with pool.lease() as held:
-                held.healthy = True  # reuse is off while draining: destroyed all the same
-                tg.start_soon(pool.drain)
-                with anyio.fail_after(5):
-                    # idle VMs go at once; the busy one is waited for
-                    await pool.wait_until(
-                        lambda s: s.free == 0 and s.destroying == 0 and s.busy == 1)
-                assert len(sim.live) == 1
+        async with anyio.create_task_group() as tg, pool.lease() as held:
+            held.healthy = True  # reuse is off while draining: destroyed all the same
+            tg.start_soon(pool.drain)
+            with anyio.fail_after(5):
+                # idle VMs go at once; the busy one is waited for
+                await pool.wait_until(
+                    lambda s: s.free == 0 and s.destroying == 0 and s.busy == 1)
+            assert len(sim.live) == 1
         st = pool.status()
         assert st.total == 0 and sim.live == {} and pool.reuse
         # still open: a job gets a VM made on demand

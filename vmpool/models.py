@@ -9,7 +9,10 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .vmms import Feedback
 
 _ctime_cache: tuple[int, str] = (0, "")
 
@@ -55,6 +58,10 @@ class TangoMachine:
     # Driver-private state (container id, sandbox path, ...). Not part of
     # Tango's object; never reported over the API.
     driver_data: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    # The autodriver's output of the last runJob, held on the host until
+    # copyOut takes it (see vmpool.vmms.Feedback). Not part of Tango's
+    # object; never reported over the API nor serialised by to_dict.
+    feedback: Feedback | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -14,20 +14,65 @@ must not shield long work from cancellation.
 from __future__ import annotations
 
 import abc
+import contextlib
+import errno
 import os
 import re
+import shutil
 import uuid
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
 
-from .errors import UnsafePathError
+import anyio.to_thread
+
+from .config import KIB, MIB
+from .errors import CopyOutError, UnsafePathError
 from .models import InputFile, TangoMachine
+from .output import copy_fd
 
 #: Autodriver exit codes (Tango's).
 EXIT_OK = 0
 EXIT_USAGE = 1
 EXIT_TIMEOUT = 2
 EXIT_OSERROR = 3
+
+#: the most of a driver's own (not spooled) feedback file copyOut copies
+FEEDBACK_COPY_CAP = 64 * MIB
+#: feedback bytes shorter than this are written by copyOut inline, not in a
+#: worker thread (the thread hop costs more than the write)
+INLINE_WRITE = 64 * KIB
+
+
+@dataclass
+class Feedback:
+    """The autodriver's output of the last runJob, held on the host until copyOut.
+
+    Exactly one of ``path`` and ``data`` is set:
+
+    - ``path``: a file on the host. ``spooled=True``: the driver's own spool
+      file, which copyOut moves to its destination (and which
+      :meth:`VMMS.discard_feedback` deletes if it is never copied out);
+      ``spooled=False``: a file the driver keeps (e.g. in the VM's
+      sandbox), which copyOut copies, at most :data:`FEEDBACK_COPY_CAP` bytes.
+    - ``data``: the feedback itself, in memory (the simulated driver).
+
+    The contract: runJob sets ``vm.feedback`` (after discarding any earlier
+    one) whenever it returns a status; ``copyOut(vm, destFile)`` takes it
+    (``vm.feedback`` is None afterwards, whatever happens) and writes it to
+    ``destFile``.
+    """
+
+    path: Path | None = None
+    data: bytes | None = None
+    spooled: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.data is None):
+            raise ValueError("Feedback needs exactly one of path and data")
+        if self.spooled and self.path is None:
+            raise ValueError("only a file can be spooled")
 
 
 class VMMS(abc.ABC):
@@ -53,6 +98,9 @@ class VMMS(abc.ABC):
     #: known); a job asking more is refused when it is submitted
     max_cores: int | None = None
     max_memory_mb: int | None = None
+    #: the memory (MB) of a VM whose TangoMachine names none (a driver
+    #: option of the drivers that have VMs with memory)
+    memory_mb: int = 1024
 
     def __init__(self, *, owner: str | None = None, prefix: str = "local") -> None:
         self.owner = owner or uuid.uuid4().hex[:12]
@@ -61,6 +109,18 @@ class VMMS(abc.ABC):
     def instanceName(self, id: int | None, name: str) -> str:
         """Tango's instance name: ``<prefix>-<id>-<name>``."""
         return f"{self.prefix}-{id}-{name}"
+
+    def memory_bytes(self, vm: TangoMachine) -> int:
+        """The VM's memory in bytes: its own ``memory`` (MB), else the driver's ``memory_mb``."""
+        return int((vm.memory or self.memory_mb) * MIB)
+
+    async def getImages(self) -> list[str] | None:
+        """The images this driver can start.
+
+        None means "not known": any name may be tried, and initializeVM fails
+        for one the driver cannot start. The default is None.
+        """
+        return None
 
     @abc.abstractmethod
     async def initializeVM(self, vm: TangoMachine) -> None:
@@ -77,8 +137,10 @@ class VMMS(abc.ABC):
     async def copyIn(self, vm: TangoMachine, inputFiles: Sequence[InputFile]) -> None:
         """Copy each ``localFile`` to ``destFile`` in the VM's job directory.
 
-        Must reject an unsafe ``destFile`` (see :func:`check_dest_name`)
-        before touching the VM. Raises CopyInError on failure.
+        The caller has checked every ``destFile`` with
+        :func:`check_input_files` (the scheduler does, when the job is
+        submitted): each names a file inside the job directory. Raises
+        CopyInError on failure.
         """
 
     @abc.abstractmethod
@@ -91,13 +153,49 @@ class VMMS(abc.ABC):
     ) -> int:
         """Run the autodriver; return its exit code (0 ok, 1 usage, 2 timeout, 3 OS error).
 
-        The autodriver's output becomes the feedback file read by copyOut.
-        Raises RunJobError when the autodriver could not be run at all.
+        Starts with :meth:`discard_feedback`; whenever it returns a status it
+        has set ``vm.feedback`` (a :class:`Feedback`: the autodriver's
+        output, which copyOut writes out). Raises RunJobError when the
+        autodriver could not be run at all.
         """
 
-    @abc.abstractmethod
     async def copyOut(self, vm: TangoMachine, destFile: str) -> None:
-        """Write the feedback file of the last runJob to ``destFile`` on the host."""
+        """Write the feedback of the last runJob to ``destFile`` on the host.
+
+        Takes ``vm.feedback`` (None afterwards) and writes it: a spooled file
+        is moved, another file copied (at most :data:`FEEDBACK_COPY_CAP`
+        bytes), data written; file work is done in a worker thread, except
+        for small data. Raises CopyOutError when there is no feedback or it
+        cannot be written. Drivers override it only to add to it.
+        """
+        feedback, vm.feedback = vm.feedback, None
+        if feedback is None:
+            raise CopyOutError(
+                f"VM {vm.instance_id or vm.id}: no feedback: runJob did not run")
+        try:
+            if feedback.data is not None:
+                if len(feedback.data) < INLINE_WRITE:
+                    _write_bytes(destFile, feedback.data)
+                else:
+                    await anyio.to_thread.run_sync(_write_bytes, destFile, feedback.data)
+            elif feedback.spooled:
+                assert feedback.path is not None
+                await anyio.to_thread.run_sync(_move_file, feedback.path, destFile)
+            else:
+                assert feedback.path is not None
+                await anyio.to_thread.run_sync(
+                    _copy_capped, feedback.path, destFile, FEEDBACK_COPY_CAP)
+        except OSError as e:
+            raise CopyOutError(f"writing the feedback to {destFile}: {e.strerror or e}",
+                               status=e.errno or -1) from e
+
+    def discard_feedback(self, vm: TangoMachine) -> None:
+        """Forget the VM's feedback, deleting a spooled file (runJob calls it
+        first, destroyVM too: feedback never copied out leaves nothing)."""
+        feedback, vm.feedback = vm.feedback, None
+        if feedback is not None and feedback.spooled and feedback.path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(feedback.path)
 
     @abc.abstractmethod
     async def destroyVM(self, vm: TangoMachine) -> None:
@@ -135,9 +233,33 @@ class VMMS(abc.ABC):
     async def close(self) -> None:  # noqa: B027 - optional hook, empty by default
         """Release the driver's own resources (connections, clients)."""
 
-    def describe(self) -> dict[str, Any]:
-        """A short description for status pages."""
-        return {"driver": self.driver_name, "owner": self.owner}
+
+def _write_bytes(dest: str, data: bytes) -> None:
+    with open(dest, "wb") as f:
+        f.write(data)
+
+
+def _move_file(src: Path, dest: str) -> None:
+    """Move the spool file ``src`` to ``dest`` (a rename; across file systems
+    a copy in the kernel, then removal); ``src`` is gone afterwards, whatever
+    happens."""
+    try:
+        try:
+            os.replace(src, dest)
+            return
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
+        shutil.copyfile(src, dest)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(src)
+
+
+def _copy_capped(src: Path, dest: str, cap: int) -> None:
+    """Copy at most ``cap`` bytes of ``src`` to ``dest``, in the kernel."""
+    with open(src, "rb") as fin, open(dest, "wb") as fout:
+        copy_fd(fin.fileno(), fout.fileno(), cap)
 
 
 def format_seconds(t: float) -> str:

@@ -2,8 +2,10 @@
 
 What a job may see and do is the same on every driver (README, "Security
 model"); this module holds the parts the drivers share: the capabilities
-the autodriver keeps as root in a sandbox or container, the job's
-environment, the disk quotas, and the host-wide registry of grading uids.
+the autodriver keeps as root in a sandbox or container, the autodriver's
+own environment, the disk quotas, and the host-wide registry of grading uids
+(the job's environment is given as the autodriver's ``--env`` options, built
+by :func:`autodriver.arguments`).
 The bubblewrap command of the local driver is in ``vmpool_drivers/local/sandbox.py``;
 what the job itself is refused (user namespaces, the kernel keyring,
 ``open_by_handle_at``: a seccomp filter, and ``PR_SET_NO_NEW_PRIVS``) is
@@ -55,16 +57,6 @@ DEFAULT_INODE_QUOTA = 100_000
 #: as host uids (the local driver's sandboxes, a local Docker engine's
 #: containers) claims them here, so that no two jobs ever share one.
 UID_DIR = "/run/vmpool/uids"
-
-
-def env_args(env: Mapping[str, str]) -> list[str]:
-    """``--env NAME=VALUE`` options for the autodriver, checked."""
-    args: list[str] = []
-    for name, value in sorted(env.items()):
-        if not name or "=" in name or "\x00" in name or "\x00" in value:
-            raise ValueError(f"bad environment variable {name!r}")
-        args += ["--env", f"{name}={value}"]
-    return args
 
 
 class UidRegistry:

@@ -10,7 +10,7 @@ concurrency, so a job costs it as few round trips as possible: copyIn only
 writes a tar (the job's files and vmpool's autodriver) to a spool file,
 runJob is ONE exec that unpacks that tar from its stdin (sent a chunk at a
 time) and runs the autodriver, whose feedback comes back on its stdout and
-is written to a spool file as it arrives, until copyOut copies it to the
+is written to a spool file as it arrives, until copyOut moves it to the
 host: neither the input nor a 64 MiB feedback is ever held in memory. The
 spool files live in a private (0700) directory of the driver's, under
 ``spool_dir`` (default: the system's temporary directory), removed at
@@ -83,19 +83,18 @@ import anyio.to_thread
 from aiodocker.containers import DockerContainer
 from aiodocker.exceptions import DockerError
 
-from autodriver import COMPILE_PY
+from autodriver import COMPILE_PY, arguments, env_arguments
 from autodriver import SOURCE as AUTODRIVER
 from vmpool.config import KIB, MIB
 from vmpool.errors import (
     CopyInError,
-    CopyOutError,
     DestroyVMError,
     InitializeVMError,
     RunJobError,
     VMNotReadyError,
 )
 from vmpool.models import InputFile, TangoMachine
-from vmpool.vmms import VMMS, add_memory_line, check_input_files, format_seconds, safe_name
+from vmpool.vmms import VMMS, Feedback, add_memory_line, safe_name
 from vmpool_drivers import liveness
 from vmpool_drivers.policy import (
     AUTODRIVER_CAPS,
@@ -105,7 +104,6 @@ from vmpool_drivers.policy import (
     SANDBOX_ENV,
     UID_DIR,
     UidRegistry,
-    env_args,
     file_quotas,
     pids_of_uid,
 )
@@ -184,7 +182,7 @@ class DockerVMMS(VMMS):
         super().__init__(owner=owner, prefix=prefix)
         #: the job's own variables (the pool's config), on top of the image's Env
         self.env = dict(env or {})
-        env_args(self.env)  # checked now: a bad name fails at start, not per job
+        env_arguments(self.env)  # checked now: a bad name fails at start, not per job
         for name in self.env:
             if not _NAME.fullmatch(name):
                 raise ValueError(f"bad environment variable name {name!r}")
@@ -371,7 +369,7 @@ class DockerVMMS(VMMS):
         return env
 
     def _host_config(self, vm: TangoMachine, uid: int, protect: bool) -> dict[str, Any]:
-        memory = int((vm.memory or self.memory_mb) * MIB)
+        memory = self.memory_bytes(vm)
         network = "host" if vm.network == "host" else "none"
         quotas = file_quotas(memory, self.disk_quota, self.inode_quota)
 
@@ -598,7 +596,6 @@ class DockerVMMS(VMMS):
     async def copyIn(self, vm: TangoMachine, inputFiles: Sequence[InputFile]) -> None:
         # Nothing reaches the engine here: the tar, written to a spool file
         # (the files are read now, a chunk at a time), rides on runJob's exec.
-        check_input_files(inputFiles)
         self._drop_spooled(vm, "input_tar")
         try:
             vm.driver_data["input_tar"] = await anyio.to_thread.run_sync(
@@ -683,11 +680,11 @@ class DockerVMMS(VMMS):
     async def runJob(
         self, vm: TangoMachine, runTimeout: float, maxOutputFileSize: int, disableNetwork: bool
     ) -> int:
+        self.discard_feedback(vm)  # an earlier job's, never copied out
         if disableNetwork and vm.network == "host":
             # The network is the pool's (fixed at creation); a job that must
             # have none cannot run on a host-network container.
             raise RunJobError("the job disables the network but its pool uses host networking")
-        self._drop_spooled(vm, "feedback")  # an earlier job's, never copied out
         tar = vm.driver_data.pop("input_tar", None)
         if tar is None:
             tar = await anyio.to_thread.run_sync(self._input_tar, [], vm.image)
@@ -700,29 +697,28 @@ class DockerVMMS(VMMS):
     async def _run_job(
         self, vm: TangoMachine, tar: Path, runTimeout: float, maxOutputFileSize: int
     ) -> int:
-        limits = [
-            "-u", str(self.nproc), "-f", str(self.fsize), "-t", format_seconds(runTimeout),
-            "-o", str(maxOutputFileSize),
-        ]
+        memory = self.memory_bytes(vm)
         if self.image_autodriver:
-            run = [self.image_autodriver, *limits, f"/{JOB_DIR}"]
+            # Tango's command line: its autodriver knows no other option
+            run = [self.image_autodriver, *arguments(
+                timeout=runTimeout, max_output=maxOutputFileSize, nproc=self.nproc,
+                fsize=self.fsize, job_dir=f"/{JOB_DIR}", tango_only=True,
+            )]
         else:
-            memory = int((vm.memory or self.memory_mb) * MIB)
             # -S -E: the autodriver needs no site-packages nor PYTHON* variables,
             # and skipping them is ~10 ms of every job
             script_path = (
                 AUTODRIVER_PYC_IN_IMAGE if vm.image in self._compiled else AUTODRIVER_IN_IMAGE
             )
-            run = ["python3", "-S", "-E", f"/{script_path}", *limits, "--mem", str(memory),
-                   "--partial", PARTIAL_IN_IMAGE,
-                   "--user", self.grading_user, f"/{JOB_DIR}"]
-            if self.cpu_seconds:
-                run[4:4] = ["--cpu", str(self.cpu_seconds)]
             image_env = self._image_env.get(vm.image or "", {})
             job_env = {k: v for k, v in image_env.items() if k not in NOT_PASSED}
             job_env.update(self.env)
-            run[-1:-1] = [*env_args(job_env), "--quota",
-                          *([] if self.seccomp else ["--no-seccomp"])]
+            run = ["python3", "-S", "-E", f"/{script_path}", *arguments(
+                timeout=runTimeout, max_output=maxOutputFileSize, nproc=self.nproc,
+                fsize=self.fsize, memory=memory, cpu_seconds=self.cpu_seconds,
+                user=self.grading_user, partial=PARTIAL_IN_IMAGE, env=job_env, quota=True,
+                seccomp=self.seccomp, job_dir=f"/{JOB_DIR}",
+            )]
         # One exec: the shell out of the OOM killer's reach (where the engine
         # lets it), the container's one-time setup (the grading user's uid,
         # no writable path on the root file system), an empty home for the
@@ -737,7 +733,7 @@ class DockerVMMS(VMMS):
             f'{OOM_COUNT}; b=$n; "$@"; s=$?; {OOM_COUNT}; echo "{OOM_MARK} $b $n" >&2; exit $s'
         )
         cap = maxOutputFileSize + 64 * KIB if maxOutputFileSize else self.feedback_cap
-        # The feedback goes to a spool file as it comes (copyOut copies it):
+        # The feedback goes to a spool file as it comes (copyOut moves it):
         # a 64 MiB flood never sits in memory.
         feedback = _Spool(self._spool_dir() / f"feedback-{uuid.uuid4().hex}",
                           min(cap, self.feedback_cap))
@@ -765,7 +761,6 @@ class DockerVMMS(VMMS):
                 raise RunJobError(f"spooling the job's input or feedback: {e}") from e
             raise
         err, oom_killed = _oom_kills(err)
-        memory = int((vm.memory or self.memory_mb) * MIB)
         if code is None or code == UNPACK_FAILED or code >= 126 or not feedback.size:
             if oom_killed and code is not None and code != UNPACK_FAILED:
                 # The container ran out of memory and the kernel killed the
@@ -778,7 +773,7 @@ class DockerVMMS(VMMS):
                     f"killed (exit {code}); the job's output is lost\n"
                 ).encode()
                 await anyio.to_thread.run_sync(feedback.path.write_bytes, text)
-                vm.driver_data["feedback"] = str(feedback.path)
+                vm.feedback = Feedback(path=feedback.path, spooled=True)
                 return code
             feedback.discard()
             detail = err.decode(errors="replace").strip()[:500]
@@ -787,7 +782,7 @@ class DockerVMMS(VMMS):
             )
         if oom_killed:
             await anyio.to_thread.run_sync(_add_memory_line_to, feedback.path, memory)
-        vm.driver_data["feedback"] = str(feedback.path)
+        vm.feedback = Feedback(path=feedback.path, spooled=True)
         return code
 
     def _setup_script(self, vm: TangoMachine) -> str:
@@ -872,18 +867,10 @@ class DockerVMMS(VMMS):
             return None
         return out if code == 0 else None
 
-    async def copyOut(self, vm: TangoMachine, destFile: str) -> None:
-        spooled = vm.driver_data.pop("feedback", None)
-        if spooled is None:
-            raise CopyOutError(f"VM {vm.driver_data.get('cname')} has no feedback (no runJob)")
-        try:
-            await anyio.to_thread.run_sync(_move_file, spooled, destFile)
-        except OSError as e:
-            raise CopyOutError(f"writing {destFile}: {e}", status=e.errno or -1) from e
-
     async def destroyVM(self, vm: TangoMachine) -> None:
-        for key in ("input_tar", "feedback"):  # a job cut short leaves its spool files
-            self._drop_spooled(vm, key)
+        # a job cut short leaves its spool files
+        self._drop_spooled(vm, "input_tar")
+        self.discard_feedback(vm)
         container = self._container(vm)
         try:
             await container.delete(force=True, v=True)
@@ -957,9 +944,6 @@ class DockerVMMS(VMMS):
         if labels.get(LABEL_UID, "").isdigit():
             vm.driver_data["uid"] = int(labels[LABEL_UID])
         return vm
-
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "url": self.url, "oom_protect": self._oom_protect}
 
 
 def _oom_kills(err: bytes) -> tuple[bytes, bool]:
@@ -1038,16 +1022,6 @@ async def _send_file(stream: Any, path: Path) -> None:
                 return
     finally:
         f.close()
-
-
-def _move_file(src: str, dest: str) -> None:
-    """Copy the spool file ``src`` to ``dest`` (in the kernel: no buffer of
-    ours), then remove it."""
-    try:
-        shutil.copyfile(src, dest)
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(src)
 
 
 def _add_memory_line_to(path: Path, memory: int) -> None:

@@ -34,9 +34,6 @@ class CgroupSupport:
     def for_name(self, name: str) -> CgroupSet:
         return CgroupSet(self, {k: p / name for k, p in self.parents.items()})
 
-    def describe(self) -> str:
-        return f"v{self.version}: " + ", ".join(str(p) for p in self.parents.values())
-
 
 def _writable_dir(p: Path) -> bool:
     return p.is_dir() and os.access(p, os.W_OK)

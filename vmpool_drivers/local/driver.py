@@ -58,20 +58,18 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
-from autodriver import COMPILE_PY
+from autodriver import COMPILE_PY, arguments, env_arguments
 from autodriver import SOURCE as AUTODRIVER
 from vmpool.config import KIB, MIB
 from vmpool.errors import (
     CopyInError,
-    CopyOutError,
     DestroyVMError,
     InitializeVMError,
     RunJobError,
     VMNotReadyError,
 )
 from vmpool.models import InputFile, TangoMachine
-from vmpool.output import copy_fd
-from vmpool.vmms import VMMS, add_memory_line, check_input_files, format_seconds, safe_name
+from vmpool.vmms import VMMS, Feedback, add_memory_line, safe_name
 from vmpool_drivers.liveness import OwnerLock, dead_owner, remove_lock_file
 from vmpool_drivers.policy import (
     DEFAULT_DISK_QUOTA,
@@ -79,7 +77,6 @@ from vmpool_drivers.policy import (
     SANDBOX_ENV,
     UID_DIR,
     UidRegistry,
-    env_args,
     pids_of_uid,
 )
 
@@ -212,7 +209,7 @@ class LocalVMMS(VMMS):
         self.disk_quota = disk_quota
         self.inode_quota = inode_quota or DEFAULT_INODE_QUOTA
         self.env = dict(env or {})
-        self.env_args = env_args(self.env)
+        env_arguments(self.env)  # checked now: a bad name fails at start, not per job
         self.seccomp = seccomp
         # Paths no job may see even where a system directory is bound: the
         # server's (courselabs, database, config), every driver's state.
@@ -315,9 +312,6 @@ class LocalVMMS(VMMS):
         instance = Path(d).name if d else self.instanceName(vm.id, vm.name)
         return self.cgroups.for_name(safe_name(f"vmpool-{self._owner_of(vm)}-{instance}"))
 
-    def _memory_bytes(self, vm: TangoMachine) -> int:
-        return int((vm.memory or self.memory_mb) * MIB)
-
     async def getImages(self) -> list[str]:
         return sorted(self.images)
 
@@ -386,7 +380,7 @@ class LocalVMMS(VMMS):
             os.chmod(d / "autodriver.py", 0o644)
             cg = self._cgroup(vm)
             if cg is not None:
-                cg.create(memory_bytes=self._memory_bytes(vm) + 64 * MIB,
+                cg.create(memory_bytes=self.memory_bytes(vm) + 64 * MIB,
                           pids_max=self.pids_max, cores=vm.cores)
             if self.sandbox == "bwrap" and self.network == "pasta":
                 assert self.pasta is not None
@@ -492,7 +486,6 @@ class LocalVMMS(VMMS):
         vm.driver_data["verified"] = True
 
     async def copyIn(self, vm: TangoMachine, inputFiles: Sequence[InputFile]) -> None:
-        check_input_files(inputFiles)
         d = vm.driver_data.get("dir")
         if not d:
             raise CopyInError(f"VM {vm.id} has no sandbox")
@@ -525,6 +518,7 @@ class LocalVMMS(VMMS):
     async def runJob(
         self, vm: TangoMachine, runTimeout: float, maxOutputFileSize: int, disableNetwork: bool
     ) -> int:
+        self.discard_feedback(vm)
         d = vm.driver_data.get("dir")
         uid = vm.driver_data.get("uid")
         if not d or uid is None:
@@ -534,27 +528,19 @@ class LocalVMMS(VMMS):
         for stale in (feedback, lay.out / "partial"):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
-        mem = self._memory_bytes(vm)
-        limits = [
-            "-u", str(self.nproc), "-f", str(self.fsize),
-            "-t", format_seconds(runTimeout), "-o", str(maxOutputFileSize),
-            "--mem", str(mem), *self.env_args,
-        ]
-        if self.cpu_seconds:
-            limits += ["--cpu", str(self.cpu_seconds)]
-        if self.disk_quota:
-            limits.append("--quota")
-        if not self.seccomp:
-            limits.append("--no-seccomp")
+        mem = self.memory_bytes(vm)
         if self.sandbox == "bwrap":
-            argv = [self.python, "-S", "-E", AUTODRIVER_IN_SANDBOX, *limits, "--user", "autograde",
-                    "--output", f"{OUT_DIR_IN_SANDBOX}/feedback",
-                    "--partial", f"{OUT_DIR_IN_SANDBOX}/partial", "--no-cgroup",
-                    JOB_DIR_IN_SANDBOX]
+            script, user, job = AUTODRIVER_IN_SANDBOX, "autograde", JOB_DIR_IN_SANDBOX
+            out_dir = OUT_DIR_IN_SANDBOX
         else:
-            argv = [self.python, "-S", "-E", str(lay.d / "autodriver.py"), *limits,
-                    "--user", f"#{uid}", "--output", str(feedback),
-                    "--partial", str(lay.out / "partial"), "--no-cgroup", str(lay.job)]
+            script, user, job = str(lay.d / "autodriver.py"), f"#{uid}", str(lay.job)
+            out_dir = str(lay.out)
+        argv = [self.python, "-S", "-E", script, *arguments(
+            timeout=runTimeout, max_output=maxOutputFileSize, nproc=self.nproc,
+            fsize=self.fsize, memory=mem, cpu_seconds=self.cpu_seconds, user=user,
+            output=f"{out_dir}/feedback", partial=f"{out_dir}/partial", env=self.env,
+            quota=bool(self.disk_quota), seccomp=self.seccomp, cgroup=False, job_dir=job,
+        )]
         net = self._job_net(vm, disableNetwork)
         cmd = self._wrap(vm, self._sandbox_cmd(vm, argv, disableNetwork), net)
         cg = self._cgroup(vm)
@@ -569,6 +555,7 @@ class LocalVMMS(VMMS):
             # the cgroup OOM-killed something the autodriver did not see
             with contextlib.suppress(OSError):
                 feedback.write_bytes(add_memory_line(feedback.read_bytes(), mem))
+        vm.feedback = Feedback(path=feedback)  # the sandbox's: copied out, capped
         return code
 
     async def partialOutput(self, vm: TangoMachine) -> bytes | None:
@@ -580,14 +567,8 @@ class LocalVMMS(VMMS):
         except OSError:
             return None
 
-    async def copyOut(self, vm: TangoMachine, destFile: str) -> None:
-        d = vm.driver_data.get("dir")
-        if not d:
-            raise CopyOutError(f"VM {vm.id} has no sandbox")
-        src = Path(d) / "out" / "feedback"
-        await anyio.to_thread.run_sync(_copy_capped, src, destFile, 64 * MIB)
-
     async def destroyVM(self, vm: TangoMachine) -> None:
+        self.discard_feedback(vm)
         key = vm.instance_id or self.instanceName(vm.id, vm.name)
         proc = self._procs.pop(key, None)
         if proc is not None:
@@ -768,17 +749,6 @@ class LocalVMMS(VMMS):
             cg.kill_all()
             cg.remove()
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            **super().describe(),
-            "sandbox": self.sandbox,
-            "state_dir": str(self.state_dir),
-            "network": self.network,
-            "disk_quota": self.disk_quota,
-            "inode_quota": self.inode_quota,
-            "cgroups": self.cgroups.describe() if self.cgroups else None,
-        }
-
 
 def _host_memory_mb() -> int | None:
     try:
@@ -826,15 +796,6 @@ def _kill_uid(uid: int) -> None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(p, signal.SIGKILL)
         time.sleep(0.01)  # SIGKILLed tasks need a moment to exit
-
-
-def _copy_capped(src: Path, dest: str, cap: int) -> None:
-    try:
-        with open(src, "rb") as fin, open(dest, "wb") as fout:
-            copy_fd(fin.fileno(), fout.fileno(), cap)
-    except OSError as e:
-        code = e.errno or -1
-        raise CopyOutError(f"copying the feedback file: {e.strerror or e}", status=code) from e
 
 
 if sys.platform != "linux":  # pragma: no cover

@@ -7,6 +7,25 @@ status. A record of live VMs — registered when initializeVM *starts*, removed
 when destroyVM *finishes* — lets tests prove that nothing leaked, including
 creations cancelled half-way. A seed makes a run repeatable.
 
+A job may say what its simulated run does: an input file whose destFile is
+``sim-job.json`` (copyIn remembers its localFile; runJob reads it) holds
+``{"output": str, "make_status": int, "seconds": float, "exit": int | null}``
+(defaults ``""``, 0, 0, null), and runJob then behaves as the autodriver
+would for such a job:
+
+- ``exit`` given: it returns that status, the feedback
+  ``Autodriver: simulated status N``;
+- else it waits ``seconds`` (cancellable; a cancelled runJob leaves nothing
+  behind). Longer than runTimeout (when that is > 0): it waits runTimeout
+  and returns 2, the feedback ``Autodriver: Job timed out after T seconds``
+  and the output; otherwise it returns 0, the feedback
+  ``Autodriver: Job exited with status <make_status>`` and the output.
+  The output is capped at maxOutputFileSize as the autodriver caps it (the
+  first and last half kept, ``...[excess bytes elided]...`` between).
+
+The latency and fault rules of runJob apply before either. Without
+``sim-job.json`` every job prints the driver's fixed ``output``.
+
 This driver exists for scheduling logic, benchmarks and tuning; it is not a
 stand-in for a real driver's own tests.
 """
@@ -14,12 +33,13 @@ stand-in for a real driver's own tests.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import anyio
 
@@ -33,7 +53,7 @@ from vmpool.errors import (
     VMNotReadyError,
 )
 from vmpool.models import InputFile, TangoMachine
-from vmpool.vmms import EXIT_OK, EXIT_TIMEOUT, VMMS, check_input_files, format_seconds
+from vmpool.vmms import EXIT_OK, EXIT_TIMEOUT, VMMS, Feedback, format_seconds
 
 METHODS = ("initializeVM", "waitVM", "copyIn", "runJob", "copyOut", "destroyVM", "getVMs")
 
@@ -49,6 +69,10 @@ _ERRORS: dict[str, type[VMMSError]] = {
 
 Action = Literal["raise", "crash", "hang", "status"]
 _TOKENS = itertools.count(1)
+
+#: the input file (by destFile) that describes a job's simulated run
+SIM_JOB = "sim-job.json"
+ELISION = b"\n...[excess bytes elided]...\n"
 
 
 @dataclass(frozen=True)
@@ -271,41 +295,66 @@ class SimVMMS(VMMS):
             raise VMNotReadyError(f"VM {vm.instance_id} was never initialized")
 
     async def copyIn(self, vm: TangoMachine, inputFiles: Sequence[InputFile]) -> None:
-        check_input_files(inputFiles)
         await self._step("copyIn", vm)
         self._require_live(vm, CopyInError)
         vm.driver_data["files"] = [f.destFile for f in inputFiles]
+        vm.driver_data.pop("sim_job", None)
+        for f in inputFiles:
+            if f.destFile == SIM_JOB:
+                vm.driver_data["sim_job"] = f.localFile
 
     async def runJob(
         self, vm: TangoMachine, runTimeout: float, maxOutputFileSize: int, disableNetwork: bool
     ) -> int:
+        self.discard_feedback(vm)
+        # the job's description is this job's only (a runJob without a
+        # copyIn before it runs the fixed output)
+        spec_file = vm.driver_data.pop("sim_job", None)
         rule = await self._step("runJob", vm, runTimeout)
         self._require_live(vm, RunJobError)
         if rule == "timeout":
-            vm.driver_data["feedback"] = (
-                f"Autodriver: Job timed out after {format_seconds(runTimeout)} seconds\n"
-            )
+            vm.feedback = Feedback(
+                data=f"Autodriver: Job timed out after {format_seconds(runTimeout)} seconds\n"
+                .encode())
             return EXIT_TIMEOUT
         if isinstance(rule, FaultRule):
-            vm.driver_data["feedback"] = f"Autodriver: simulated status {rule.status}\n"
+            vm.feedback = Feedback(data=f"Autodriver: simulated status {rule.status}\n".encode())
             return rule.status
-        text = "Autodriver: Job exited with status 0\n" + self.output
-        data = text.encode()
-        if maxOutputFileSize and len(data) > maxOutputFileSize:
-            half = maxOutputFileSize // 2
-            data = data[:half] + b"\n...[excess bytes elided]...\n" + data[-half:]
-        vm.driver_data["feedback"] = data.decode("utf-8", "replace")
+        if spec_file is not None:
+            return await self._run_spec(vm, _read_spec(spec_file), runTimeout, maxOutputFileSize)
+        data = ("Autodriver: Job exited with status 0\n" + self.output).encode()
+        vm.feedback = Feedback(data=_cap(data, maxOutputFileSize))
+        return EXIT_OK
+
+    async def _run_spec(
+        self, vm: TangoMachine, spec: _SimJob, runTimeout: float, maxOutputFileSize: int
+    ) -> int:
+        """runJob for a job that describes its run (``sim-job.json``)."""
+        if spec.exit is not None:
+            vm.feedback = Feedback(data=f"Autodriver: simulated status {spec.exit}\n".encode())
+            return spec.exit
+        output = _cap(spec.output.encode(), maxOutputFileSize)
+        if runTimeout > 0 and spec.seconds > runTimeout:
+            await anyio.sleep(runTimeout)
+            self._require_live(vm, RunJobError)
+            status = f"Autodriver: Job timed out after {format_seconds(runTimeout)} seconds\n"
+            vm.feedback = Feedback(data=status.encode() + output)
+            return EXIT_TIMEOUT
+        if spec.seconds > 0:
+            await anyio.sleep(spec.seconds)
+            self._require_live(vm, RunJobError)
+        status = f"Autodriver: Job exited with status {spec.make_status}\n"
+        vm.feedback = Feedback(data=status.encode() + output)
         return EXIT_OK
 
     async def copyOut(self, vm: TangoMachine, destFile: str) -> None:
         await self._step("copyOut", vm)
         self._require_live(vm, CopyOutError)
-        feedback = vm.driver_data.get("feedback")
-        if feedback is None:
-            raise CopyOutError(f"VM {vm.instance_id} has no feedback file (runJob never ran)")
-        _write_file(destFile, feedback)
+        await super().copyOut(vm, destFile)
 
     async def destroyVM(self, vm: TangoMachine) -> None:
+        self.discard_feedback(vm)
+        vm.driver_data.pop("sim_job", None)
         await self._step("destroyVM", vm)
         name = self.instanceName(vm.id, vm.name)
         self.world.live.pop(name, None)
@@ -324,12 +373,50 @@ class SimVMMS(VMMS):
     async def close(self) -> None:
         self.world.alive.discard(self._token)
 
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "live": len(self.live), "calls": dict(self.calls)}
+
+@dataclass(frozen=True)
+class _SimJob:
+    """What a ``sim-job.json`` says of the job's simulated run."""
+
+    output: str = ""
+    make_status: int = 0
+    seconds: float = 0.0
+    exit: int | None = None
 
 
-def _write_file(path: str, text: str) -> None:
-    # A small local write; cheaper inline than a thread hop (the simulated
-    # driver must not be the bottleneck of a scheduler benchmark).
-    with open(path, "w") as f:
-        f.write(text)
+def _read_spec(path: str) -> _SimJob:
+    """The job's ``sim-job.json`` (small: read inline); RunJobError if it is not one."""
+    try:
+        with open(path, "rb") as f:
+            raw = json.loads(f.read())
+    except (OSError, ValueError) as e:
+        raise RunJobError(f"reading {SIM_JOB} ({path}): {e}") from e
+    if not isinstance(raw, dict):
+        raise RunJobError(f"{SIM_JOB} ({path}) is not a JSON object")
+    problems: list[str] = []
+    output = raw.get("output", "")
+    if not isinstance(output, str):
+        problems.append("output must be a string")
+    make_status = raw.get("make_status", 0)
+    if not isinstance(make_status, int) or isinstance(make_status, bool):
+        problems.append("make_status must be an integer")
+    seconds = raw.get("seconds", 0)
+    if (not isinstance(seconds, int | float) or isinstance(seconds, bool)
+            or not math.isfinite(seconds) or seconds < 0):
+        problems.append("seconds must be a number >= 0")
+    code = raw.get("exit")
+    if code is not None and (not isinstance(code, int) or isinstance(code, bool)):
+        problems.append("exit must be an integer or null")
+    if problems:
+        raise RunJobError(f"{SIM_JOB} ({path}): {'; '.join(problems)}")
+    return _SimJob(output=output, make_status=make_status, seconds=float(seconds), exit=code)
+
+
+def _cap(data: bytes, limit: int) -> bytes:
+    """``data`` capped at ``limit`` bytes (0: no cap) as the autodriver caps
+    its output: the first and last ``limit // 2`` bytes, the elision marker
+    between."""
+    if not limit or len(data) <= limit:
+        return data
+    half = limit // 2
+    return data[:half] + ELISION + data[len(data) - half:]
