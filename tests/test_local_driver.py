@@ -320,17 +320,18 @@ async def test_hello_runs_as_the_vms_uid_in_the_sandbox(local: Local) -> None:
         r = await finish(h)
         assert h.vm is not None
         uid, instance = h.vm.driver_data["uid"], h.vm.instance_id
+    assert instance == f"{drv.owner}/local-{h.vm.id}-default"  # unique across owners
     assert r.outcome is Outcome.SUCCESS and r.exit_status == 0 and r.retries == 0
     assert r.steps == {"waitvm": 0, "copyin": 0, "runjob": 0, "copyout": 0}
     assert check_output(h, "Success: Autodriver returned normally", []) == [
         "Autodriver: Job exited with status 0",
         "hello",
         str(uid),
-        instance,
+        instance.partition("/")[2],  # the hostname: the sandbox's name
         "/home/autograde/autolab",
     ]
     assert uid != 0 and uid in local.uids
-    assert instance == f"local-{h.vm.id}-default" != socket.gethostname()
+    assert instance.partition("/")[2] == f"local-{h.vm.id}-default" != socket.gethostname()
     # the output file only: no temporary file beside it
     assert [p.name for p in (local.tmp / "out").iterdir()] == ["hello.out"]
 

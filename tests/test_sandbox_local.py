@@ -432,7 +432,7 @@ async def test_a_uid_with_a_live_process_is_not_released(env: Env,
         monkeypatch.setattr(local_driver, "_kill_uid", lambda uid: None)
         with pytest.raises(DestroyVMError, match=f"processes of uid {uid} survive"):
             await drv.destroyVM(vm)
-        assert drv.uids.holder(uid) == f"{env.owner}/{vm.instance_id}"
+        assert drv.uids.holder(uid) == vm.instance_id == f"{env.owner}/local-1-{IMAGE}"
         assert Path(vm.driver_data["dir"]).exists()
     finally:
         survivor.kill()

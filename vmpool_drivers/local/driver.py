@@ -344,7 +344,8 @@ class LocalVMMS(VMMS):
                 uid = self.uids.claim(self._holder(d.name))
             except LookupError as e:
                 raise InitializeVMError(str(e)) from None
-            vm.instance_id = instance
+            # unique across owners: their sandboxes of one id and pool differ
+            vm.instance_id = f"{self.owner}/{instance}"
             vm.driver_data.update(dir=str(d), uid=uid, job=str(lay.job), owner=self.owner)
             self._write_meta(vm)
             lay.fs.mkdir(mode=0o711)
@@ -410,7 +411,7 @@ class LocalVMMS(VMMS):
             self.bwrap, Layout(d), argv,
             root=self.images.get(vm.image or "", "/"),
             net=self._job_net(vm, disable_network),
-            hostname=vm.instance_id or "sandbox",
+            hostname=d.name,
             hidden=self.hidden, extra_ro=self.extra_ro,
         )
 
@@ -710,6 +711,7 @@ class LocalVMMS(VMMS):
             vm.driver_data.update(data)
             # where it is says whose it is, whatever its vm.json says
             vm.driver_data.update(dir=str(d), owner=owner)
+            vm.instance_id = f"{owner}/{d.name}"
             vms.append(vm)
         return vms
 

@@ -207,7 +207,8 @@ class SimVMMS(VMMS):
     @property
     def live(self) -> dict[str, TangoMachine]:
         """Live VMs of this driver's owner, by instance name."""
-        return {k: v for k, v in self.world.live.items() if self.world.owners[k] == self.owner}
+        return {k.partition("/")[2]: v for k, v in self.world.live.items()
+                if self.world.owners[k] == self.owner}
 
     async def wait_for_calls(self, method: str, n: int) -> None:
         """Wait (no polling) until ``method`` has been called ``n`` times."""
@@ -261,8 +262,13 @@ class SimVMMS(VMMS):
             await anyio.sleep(delay)
         return None
 
+    def _key(self, vm: TangoMachine) -> str:
+        """The VM's key in the world: its owner's and its instance name (two
+        owners' VMs of the same id and pool are two VMs)."""
+        return vm.instance_id or f"{self.owner}/{self.instanceName(vm.id, vm.name)}"
+
     def _require_live(self, vm: TangoMachine, error: type[VMMSError]) -> str:
-        name = self.instanceName(vm.id, vm.name)
+        name = self._key(vm)
         if name not in self.world.live:
             raise error(f"VM {name} does not exist")
         return name
@@ -273,7 +279,7 @@ class SimVMMS(VMMS):
         return None if self.images is None else list(self.images)
 
     async def initializeVM(self, vm: TangoMachine) -> None:
-        name = self.instanceName(vm.id, vm.name)
+        name = f"{self.owner}/{self.instanceName(vm.id, vm.name)}"
         if self.images is not None and vm.image not in self.images:
             raise InitializeVMError(f"unknown image {vm.image!r}")
         if name in self.world.live:
@@ -356,7 +362,7 @@ class SimVMMS(VMMS):
         self.discard_feedback(vm)
         vm.driver_data.pop("sim_job", None)
         await self._step("destroyVM", vm)
-        name = self.instanceName(vm.id, vm.name)
+        name = self._key(vm)
         self.world.live.pop(name, None)
         self.world.owners.pop(name, None)
         self.world.makers.pop(name, None)
