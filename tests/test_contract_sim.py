@@ -9,6 +9,8 @@ running" is "runJob was entered".
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 pytest.register_assert_rewrite("tests.driver_contract")
@@ -18,6 +20,7 @@ from vmpool_drivers.sim.driver import SimWorld  # noqa: E402
 
 from .driver_contract import *  # noqa: E402, F403
 from .driver_contract import Target  # noqa: E402
+from .sim_mutants import MUTANTS  # noqa: E402
 
 IMAGE = "contract.img"
 
@@ -25,9 +28,13 @@ IMAGE = "contract.img"
 @pytest.fixture
 async def contract_target() -> Target:
     world = SimWorld()
+    # tests/test_contract_mutations.py runs the suite on drivers that each
+    # break one rule
+    mutant = os.environ.get("VMPOOL_SIM_MUTANT")
+    cls = MUTANTS[mutant][0] if mutant else SimVMMS
 
     async def make_driver(*, owner: str) -> SimVMMS:
-        return SimVMMS(owner=owner, world=world, images=[IMAGE])
+        return cls(owner=owner, world=world, images=[IMAGE])
 
     async def leftovers(driver: SimVMMS) -> list[str]:
         return sorted(f"live VM {name}" for name, owner in world.owners.items()
