@@ -69,9 +69,14 @@ class _NameFailsOnce(SimVMMS):
     after the hand-over, before any VMMS step."""
 
     failed = False
+    made: set[int | None] = set()
+
+    async def initializeVM(self, vm: TangoMachine) -> None:
+        await super().initializeVM(vm)
+        self.made = {*self.made, vm.id}
 
     def instanceName(self, id: int | None, name: str) -> str:
-        if not self.failed and id is not None:
+        if not self.failed and id in self.made:  # a VM handed over, not one being made
             self.failed = True
             raise RuntimeError("instanceName broke")
         return super().instanceName(id, name)
@@ -88,13 +93,15 @@ async def test_a_failing_step_never_leaves_a_vm_busy(
     """A driver that raises (typed or not) or hangs in any step after the
     hand-over: with max_size=1 a VM left busy would hold every later job
     forever."""
-    if where == "instanceName":
-        sim: SimVMMS = _NameFailsOnce()
-    else:
-        sim = SimVMMS()
-        sim.add_fault(FaultRule(where, how, times=1))  # type: ignore[arg-type]
+    sim: SimVMMS = _NameFailsOnce() if where == "instanceName" else SimVMMS()
     settings = fast.replace(pool_size=1, pool_max_size=1, job_retries=0)
     async with Manager(settings, drivers={"sim": sim}) as mgr:
+        pool = await mgr.ensure_pool("img.img")
+        with anyio.fail_after(10):
+            await pool.wait_until(lambda s: s.free == 1)
+        if where != "instanceName":
+            # armed once the pool is warm: the step of the job fails, not the VM's making
+            sim.add_fault(FaultRule(where, how, times=1))  # type: ignore[arg-type]
         with anyio.fail_after(10):
             first = await mgr.run(new_job())
             second = await mgr.run(new_job())

@@ -15,10 +15,11 @@ destroyed after their job and replaced in the background; with
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import math
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -46,12 +47,12 @@ class PoolSpec:
     memory: int | None = None
     network: str | None = None
 
-    @property
+    @functools.cached_property
     def name(self) -> str:
         """Tango's pool name: the image without its extension."""
         return pool_name(self.image)
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
         """A unique, readable key: the name, plus whatever else sets it apart."""
         extra = [
@@ -118,60 +119,57 @@ class _Slots:
     keep their order (FIFO: the VM free longest is handed out first).
     """
 
-    __slots__ = ("_by",)
+    __slots__ = ("_of", "busy", "creating", "destroying", "free", "leaked")
 
     def __init__(self) -> None:
-        self._by: dict[VMState, OrderedDict[int, _Slot]] = {s: OrderedDict() for s in VMState}
+        self.creating: OrderedDict[int, _Slot] = OrderedDict()
+        self.free: OrderedDict[int, _Slot] = OrderedDict()
+        self.busy: OrderedDict[int, _Slot] = OrderedDict()
+        self.destroying: OrderedDict[int, _Slot] = OrderedDict()
+        self.leaked: OrderedDict[int, _Slot] = OrderedDict()
+        self._of: dict[VMState, OrderedDict[int, _Slot]] = {
+            VMState.CREATING: self.creating, VMState.FREE: self.free, VMState.BUSY: self.busy,
+            VMState.DESTROYING: self.destroying, VMState.LEAKED: self.leaked,
+        }
 
     def add(self, slot: _Slot) -> None:
-        self._by[slot.state][_key(slot)] = slot
+        self._of[slot.state][_key(slot)] = slot
 
     def move(self, slot: _Slot, state: VMState) -> None:
-        del self._by[slot.state][_key(slot)]
+        key = _key(slot)
+        del self._of[slot.state][key]
         slot.state = state
-        self._by[state][_key(slot)] = slot
+        self._of[state][key] = slot
 
     def remove(self, slot: _Slot) -> None:
-        self._by[slot.state].pop(_key(slot), None)
-
-    def get(self, vm_id: int | None) -> _Slot | None:
-        if vm_id is None:
-            return None
-        for slots in self._by.values():
-            slot = slots.get(vm_id)
-            if slot is not None:
-                return slot
-        return None
+        self._of[slot.state].pop(_key(slot), None)
 
     def count(self, state: VMState) -> int:
-        return len(self._by[state])
+        return len(self._of[state])
 
     def of(self, state: VMState) -> list[_Slot]:
-        return list(self._by[state].values())
+        return list(self._of[state].values())
 
-    def first(self, state: VMState) -> _Slot | None:
-        """The slot longest in ``state`` (None when there is none)."""
-        slots = self._by[state]
-        if not slots:
-            return None
-        return slots[next(iter(slots))]
+    @staticmethod
+    def first(slots: OrderedDict[int, _Slot]) -> _Slot | None:
+        """The slot longest in ``slots`` (None when there is none)."""
+        return slots[next(iter(slots))] if slots else None
 
-    def last(self, state: VMState) -> _Slot | None:
-        """The slot most recently put in ``state``."""
-        slots = self._by[state]
-        if not slots:
-            return None
-        return slots[next(reversed(slots))]
+    @staticmethod
+    def last(slots: OrderedDict[int, _Slot]) -> _Slot | None:
+        """The slot most recently put in ``slots``."""
+        return slots[next(reversed(slots))] if slots else None
 
     def all(self) -> list[_Slot]:
-        return [s for slots in self._by.values() for s in slots.values()]
+        return [s for slots in self._of.values() for s in slots.values()]
+
+    def live(self) -> int:
+        """VMs that are or will be usable: free, busy and being created."""
+        return len(self.free) + len(self.busy) + len(self.creating)
 
     def taken(self) -> int:
         """Slots holding a VM that exists or may exist (all but leaked ones)."""
-        return len(self) - len(self._by[VMState.LEAKED])
-
-    def __len__(self) -> int:
-        return sum(len(slots) for slots in self._by.values())
+        return len(self.free) + len(self.busy) + len(self.creating) + len(self.destroying)
 
 
 def _key(slot: _Slot) -> int:
@@ -418,7 +416,7 @@ class Pool:
     async def _take(self, *, front: bool) -> _Slot:
         if self._closing:
             raise PoolClosedError(f"pool {self.spec.key} is closed")
-        slot = self._slots.first(VMState.FREE)
+        slot = _Slots.first(self._slots.free)
         if slot is not None and not self._waiters:
             self._slots.move(slot, VMState.BUSY)
             self._refill()
@@ -459,8 +457,8 @@ class Pool:
             healthy
             and self.reuse
             and not self._closing
-            and self._n_live() <= self.max_size
-            and (bool(self._waiters) or self._slots.count(VMState.FREE) < self.min_idle)
+            and self._slots.live() <= self.max_size
+            and (bool(self._waiters) or len(self._slots.free) < self.min_idle)
         )
         if keep:
             self._make_available(slot)
@@ -541,7 +539,7 @@ class Pool:
             self._start_destroy(slot, "pool closing")
         self._changed()
         with anyio.move_on_after(busy_grace):
-            await self._wait_until(lambda: self._slots.count(VMState.BUSY) == 0)
+            await self._wait_until(lambda: not self._slots.busy)
         for slot in self._slots.of(VMState.BUSY):
             log.warning("pool %s: VM %s still held at close; destroying it", self.spec.key,
                         slot.vm.id)
@@ -578,7 +576,7 @@ class Pool:
             min_idle=self.min_idle,
             max_size=self.max_size,
             reuse=self.reuse,
-            total=self._n_live(),
+            total=slots.live(),
             free=slots.count(VMState.FREE),
             busy=slots.count(VMState.BUSY),
             creating=slots.count(VMState.CREATING),
@@ -600,11 +598,6 @@ class Pool:
         return [slot.vm for slot in self._slots.all()]
 
     # ------------------------------------------------------------ internals
-
-    def _n_live(self) -> int:
-        """VMs that are or will be usable: free, busy and being created."""
-        s = self._slots
-        return s.count(VMState.FREE) + s.count(VMState.BUSY) + s.count(VMState.CREATING)
 
     def _quiet(self) -> bool:
         """No VM left (but leaked ones) and no creation or destroy in flight."""
@@ -680,15 +673,16 @@ class Pool:
         if self._tg is None or self._closing:
             return
         slots = self._slots
+        free = slots.free
         # Shrink: idle VMs over the cap or over the warm target go first
         # (the newest), then creations in flight over the cap.
-        excess = self._n_live() - self.max_size
-        while (newest := slots.last(VMState.FREE)) is not None and (
-            excess > 0 or slots.count(VMState.FREE) > self.min_idle
-        ):
+        excess = slots.live() - self.max_size
+        while free and (excess > 0 or len(free) > self.min_idle):
+            newest = _Slots.last(free)
+            assert newest is not None
             self._start_destroy(newest, "pool shrunk")
             excess -= 1
-        for slot in slots.of(VMState.CREATING) if excess > 0 else ():
+        for slot in list(slots.creating.values()) if excess > 0 else ():
             if excess <= 0:
                 break
             if self._cancel_creation(slot):
@@ -696,8 +690,8 @@ class Pool:
         # Grow: enough VMs for the warm target plus every waiting job, in
         # free slots only: a slot is taken until its VM is destroyed, so
         # max_size caps the VMs alive however slow destruction is.
-        creating = slots.count(VMState.CREATING)
-        want = self.min_idle + len(self._waiters) - slots.count(VMState.FREE) - creating
+        creating = len(slots.creating)
+        want = self.min_idle + len(self._waiters) - len(free) - creating
         room = self.max_size - slots.taken()
         n = min(want, room, self.create_concurrency - creating)
         if n <= 0:
@@ -844,50 +838,60 @@ class Pool:
 
 
 class _Workers:
-    """Up to ``limit`` long-lived tasks working through a queue (a memory
-    object stream); a worker is added when work waits and none is free.
+    """Up to ``limit`` long-lived tasks working through a queue; a worker is
+    added when work waits and none is parked.
 
     Spawning a task per item would cost more than a fast driver's whole
-    call. Workers run in the pool's task group and end on :meth:`stop`.
+    call, and so would a checkpoint per item: a worker takes what is queued
+    back to back, and parks on an :class:`anyio.Event` when nothing is.
+    Workers run in the pool's task group and end on :meth:`stop`.
     """
 
     def __init__(self, pool: Pool, work: Callable[[_Slot], Awaitable[None]], limit: int) -> None:
         self._pool = pool
         self._work = work
         self._limit = limit
-        self._send, self._receive = anyio.create_memory_object_stream[_Slot](math.inf)
+        self._queue: deque[_Slot] = deque()
+        self._parked: deque[anyio.Event] = deque()
         self._n = 0
         self._busy = 0
+        self._stopping = False
 
     def put(self, slot: _Slot) -> None:
-        self._send.send_nowait(slot)
-        # handed straight to a parked worker, or left in the buffer: then
-        # one more worker, if the limit allows
-        if self._send.statistics().current_buffer_used and self._n < self._limit:
+        self._queue.append(slot)
+        if self._parked:
+            self._parked.popleft().set()
+        elif self._n < self._limit:
             self._n += 1
             self._pool._spawn(self._run)
 
     def idle(self) -> bool:
-        return self._busy == 0 and not self._send.statistics().current_buffer_used
+        return self._busy == 0 and not self._queue
 
     def take(self) -> _Slot | None:
         """Take a queued item to do it oneself (None when there is none)."""
-        try:
-            return self._receive.receive_nowait()
-        except (anyio.WouldBlock, anyio.EndOfStream):
-            return None
+        return self._queue.popleft() if self._queue else None
 
     def stop(self) -> None:
-        self._send.close()
+        self._stopping = True
+        while self._parked:
+            self._parked.popleft().set()
 
     async def _run(self) -> None:
         try:
-            async for slot in self._receive:
-                self._busy += 1
-                try:
-                    await self._work(slot)
-                finally:
-                    self._busy -= 1
-                    self._pool._changed()
+            while True:
+                while self._queue:
+                    slot = self._queue.popleft()
+                    self._busy += 1
+                    try:
+                        await self._work(slot)
+                    finally:
+                        self._busy -= 1
+                        self._pool._changed()
+                if self._stopping:
+                    return
+                parked = anyio.Event()
+                self._parked.append(parked)
+                await parked.wait()
         finally:
             self._n -= 1
