@@ -68,12 +68,14 @@ class _NameFailsOnce(SimVMMS):
     """A driver whose instanceName raises once: the scheduler calls it right
     after the hand-over, before any VMMS step."""
 
-    failed = False
-    made: set[int | None] = set()
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = False
+        self.made: set[int | None] = set()
 
     async def initializeVM(self, vm: TangoMachine) -> None:
         await super().initializeVM(vm)
-        self.made = {*self.made, vm.id}
+        self.made.add(vm.id)
 
     def instanceName(self, id: int | None, name: str) -> str:
         if not self.failed and id in self.made:  # a VM handed over, not one being made
