@@ -809,24 +809,27 @@ class Pool:
         """Destroy a VM: shielded from cancellation, each attempt bounded;
         its slot is free once this returns."""
         gone = False
-        with anyio.CancelScope(shield=True):
-            for attempt in range(self.destroy_attempts):
-                problem = ""
-                with anyio.move_on_after(self.destroy_timeout) as scope:
-                    try:
-                        await self.driver.destroyVM(slot.vm)
-                        gone = True
-                    except Exception as e:
-                        problem = str(e) or type(e).__name__
-                if gone:
-                    break
-                if scope.cancelled_caught:
-                    problem = f"timed out after {self.destroy_timeout:g} s"
-                log.warning(
-                    "pool %s: destroying VM %s failed (attempt %d/%d): %s",
-                    self.spec.key, slot.vm.id, attempt + 1, self.destroy_attempts, problem,
-                )
-                if attempt + 1 < self.destroy_attempts:
+        for attempt in range(self.destroy_attempts):
+            problem = ""
+            # one scope per attempt: shielded from the caller's cancellation,
+            # bounded by its own deadline
+            with anyio.CancelScope(shield=True) as scope:
+                scope.deadline = anyio.current_time() + self.destroy_timeout
+                try:
+                    await self.driver.destroyVM(slot.vm)
+                    gone = True
+                except Exception as e:
+                    problem = str(e) or type(e).__name__
+            if gone:
+                break
+            if scope.cancelled_caught:
+                problem = f"timed out after {self.destroy_timeout:g} s"
+            log.warning(
+                "pool %s: destroying VM %s failed (attempt %d/%d): %s",
+                self.spec.key, slot.vm.id, attempt + 1, self.destroy_attempts, problem,
+            )
+            if attempt + 1 < self.destroy_attempts:
+                with anyio.CancelScope(shield=True):
                     await anyio.sleep(min(self.backoff_max, 0.05 * 2**attempt))
         if gone:
             self._slots.remove(slot)

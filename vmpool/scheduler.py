@@ -548,7 +548,8 @@ class Scheduler:
                 # not stall the event loop, and a burst of finishing jobs
                 # costs one hand-off, not one each
                 await self._writer.call(
-                    finish_output, job.outputFile, "".join(lines), final.feedback
+                    finish_output, job.outputFile, "".join(lines), final.feedback,
+                    shielded=True,  # _run's finishing shield
                 )
             except OSError as e:
                 written = False

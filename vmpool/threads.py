@@ -37,7 +37,12 @@ class SerialThread:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+    async def call(self, fn: Callable[..., T], *args: Any, shielded: bool = False) -> T:
+        """``fn(*args)`` in the thread; its result or its exception.
+
+        ``shielded=True``: the caller already runs in a shielded cancel scope
+        (no second one is made for the wait, on a path where each costs).
+        """
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # not asyncio: anyio's own worker threads
@@ -45,6 +50,8 @@ class SerialThread:
         self._start()
         fut: asyncio.Future[T] = loop.create_future()
         self._calls.put((loop, fut, fn, args))
+        if shielded:
+            return await fut
         with anyio.CancelScope(shield=True):
             result = await fut
         return result
