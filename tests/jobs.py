@@ -3,6 +3,7 @@ local driver, Docker driver): one copy of each bomb."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import anyio
 
 from vmpool import JobHandle, JobResult, Manager, Settings, TangoJob, make_job
+from vmpool_drivers.policy import UID_DIR
 
 ELISION = b"\n...[excess bytes elided]...\n"
 
@@ -143,3 +145,12 @@ open("hogging", "w").close()
 while not os.path.exists("release"):
     time.sleep(0.05)  # ok-sleep: the neighbour holds until the test releases it
 """
+
+
+def claims(uids: range) -> dict[int, str]:
+    """uid -> holder of each claimed uid of ``uids`` (the host-wide registry)."""
+    found = {}
+    for uid in uids:
+        with contextlib.suppress(OSError):
+            found[uid] = (Path(UID_DIR) / str(uid) / "owner").read_text().strip()
+    return found

@@ -11,34 +11,22 @@ here) other than those another owner holds.
 
 from __future__ import annotations
 
-import contextlib
-from pathlib import Path
-
 import aiodocker
 import pytest
 
 pytest.register_assert_rewrite("tests.driver_contract")
 
 from vmpool_drivers.docker import DockerVMMS  # noqa: E402
-from vmpool_drivers.policy import UID_DIR  # noqa: E402
 
 from .conftest import GRADER_IMAGE  # noqa: E402
 from .driver_contract import *  # noqa: E402, F403
 from .driver_contract import Target  # noqa: E402
-from .jobs import processes_of  # noqa: E402
+from .jobs import claims, processes_of  # noqa: E402
 
 UID_BASE = 67000
 UIDS = 100
 LABEL_OWNER = "vmpool.owner"
 
-
-def claims(uids: range) -> dict[int, str]:
-    """uid -> holder of each claimed uid of ``uids`` (host-wide registry)."""
-    found = {}
-    for uid in uids:
-        with contextlib.suppress(OSError):
-            found[uid] = (Path(UID_DIR) / str(uid) / "owner").read_text().strip()
-    return found
 
 
 @pytest.fixture

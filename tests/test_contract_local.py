@@ -11,7 +11,6 @@ once its driver is gone.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 from pathlib import Path
 
@@ -22,24 +21,15 @@ pytest.register_assert_rewrite("tests.driver_contract")
 from vmpool.vmms import safe_name  # noqa: E402
 from vmpool_drivers.liveness import dead_owner  # noqa: E402
 from vmpool_drivers.local import LocalVMMS  # noqa: E402
-from vmpool_drivers.policy import UID_DIR  # noqa: E402
 
 from .driver_contract import *  # noqa: E402, F403
 from .driver_contract import Target  # noqa: E402
-from .jobs import processes_of  # noqa: E402
+from .jobs import claims, processes_of  # noqa: E402
 
 UID_BASE = 66000
 UIDS = 20
 _slots = itertools.count()
 
-
-def claims(uids: range) -> dict[int, str]:
-    """uid -> holder of each claimed uid of ``uids`` (host-wide registry)."""
-    found = {}
-    for uid in uids:
-        with contextlib.suppress(OSError):
-            found[uid] = (Path(UID_DIR) / str(uid) / "owner").read_text().strip()
-    return found
 
 
 @pytest.fixture
