@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Callable
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from vmpool import Settings, TangoJob, make_job
+
+from .sshd import SSHD, SSHHosts, share_docker_socket
 
 CTIME = r"[A-Z][a-z]{2} [A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d \d{4}"
 
@@ -97,3 +102,26 @@ def docker_host() -> str:
     if build.returncode != 0:
         pytest.fail(f"building {GRADER_IMAGE} failed:\n{build.stderr}")
     return host
+
+
+@pytest.fixture(scope="session")
+def ssh_hosts(docker_host: str) -> Iterator[SSHHosts]:
+    """Three real sshd "hosts" on 127.0.0.1 in front of the one Docker engine
+    (tests/sshd.py). If sshd cannot start the test fails, loudly."""
+    if not Path(SSHD).exists():
+        pytest.fail(f"{SSHD} missing: apt-get install openssh-server (.ci/run does)")
+    # not below pytest's tmp directory (owner-only): sshd reads the
+    # authorized keys as the login user
+    root = Path(tempfile.mkdtemp(prefix="vmpool-sshd-"))
+    hosts = SSHHosts(root, 3, share_docker_socket(docker_host))
+    try:
+        hosts.start()
+    except Exception as e:
+        hosts.stop()
+        pytest.fail(f"sshd did not start: {e}")
+    yield hosts
+    if os.environ.get("VMPOOL_SSHD_LOG"):
+        for h in hosts.hosts:
+            print(f"--- sshd {h.name}", *h.log, sep="\n")
+    hosts.stop()
+    shutil.rmtree(root, ignore_errors=True)

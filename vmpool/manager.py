@@ -71,6 +71,8 @@ class Manager:
         #: pools a job's own spec made -> when last used (monotonic)
         self._implicit: dict[PoolSpec, float] = {}
         self._sweeper = anyio.CancelScope()  # the idle-pool sweep, cancelled at close
+        #: the drivers' background work, cancelled at close
+        self._driver_scopes: list[anyio.CancelScope] = []
         self._on_done = list(on_done)
         self._first_job_id = first_job_id
         self._reconcile = reconcile
@@ -93,6 +95,8 @@ class Manager:
                 on_done=self._on_done,
             )
             tg.start_soon(self._drop_idle_pools)
+            for drv in self._drivers.values():
+                self._start_background(drv)
             for name in list(self._drivers):
                 await self.driver(name)
         except BaseException:
@@ -131,6 +135,8 @@ class Manager:
                 async with anyio.create_task_group() as closer:
                     for pool in self.pools.values():
                         closer.start_soon(pool.close)
+                for scope in self._driver_scopes:
+                    scope.cancel()
                 for driver in self._drivers.values():
                     try:
                         await driver.close()
@@ -169,6 +175,7 @@ class Manager:
                         options.setdefault(option, value)
                 drv = load_driver(name, **options)
                 self._drivers[name] = drv
+                self._start_background(drv)
             # done once, when the driver answers: a driver that was down is
             # reconciled when it comes back, not skipped for good
             if name not in self._reconciled and (
@@ -182,6 +189,21 @@ class Manager:
                 self._images[name] = await drv.getImages()
             self._ready[name] = drv
             return drv
+
+    def _start_background(self, drv: VMMS) -> None:
+        """The driver's own background work, owned by the manager's task
+        group, cancelled at close, inside an error boundary."""
+        scope = anyio.CancelScope()
+        self._driver_scopes.append(scope)
+
+        async def run() -> None:
+            with scope:
+                try:
+                    await drv.background()
+                except Exception:
+                    log.exception("driver %s: background work failed", drv.driver_name)
+
+        self._life.task_group.start_soon(run)
 
     async def _reconcile_driver(self, drv: VMMS) -> bool:
         """Destroy the driver's orphans: VMs whose manager is provably gone

@@ -367,6 +367,7 @@ class Pool:
         self._change_events: list[anyio.Event] = []
         self._closing = False
         self._closed = anyio.Event()
+        self._unwatch = driver.watch_lost(self._lost)
 
     # ------------------------------------------------------------------ life
 
@@ -466,6 +467,19 @@ class Pool:
             self._start_destroy(slot, "one-shot" if healthy else "in doubt after its job")
         self._refill()
 
+    def _lost(self, vms: list[TangoMachine]) -> None:
+        """The driver says these VMs are gone (their host went down): idle
+        ones and creations leave the pool now (destroyVM only forgets
+        them), busy ones when their job fails; the pool refills."""
+        ids = {vm.id for vm in vms if vm.id is not None}
+        for slot in self._slots.of(VMState.FREE):
+            if slot.vm.id in ids:
+                self._start_destroy(slot, "lost with its host")
+        for slot in self._slots.of(VMState.CREATING):
+            if slot.vm.id in ids:
+                self._cancel_creation(slot)
+        self._refill()
+
     # ------------------------------------------------------------- control
 
     def resize(self, size: int, *, max_size: int | None = None) -> None:
@@ -522,6 +536,7 @@ class Pool:
         try:
             await self._close(busy_grace)
         finally:
+            self._unwatch()
             self._closed.set()
             if not self._life.from_owner():
                 self._life.request_close()

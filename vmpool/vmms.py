@@ -16,11 +16,12 @@ from __future__ import annotations
 import abc
 import contextlib
 import errno
+import logging
 import os
 import re
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -31,6 +32,8 @@ from .config import KIB, MIB
 from .errors import CopyOutError, UnsafePathError
 from .models import InputFile, TangoMachine
 from .output import copy_fd
+
+log = logging.getLogger("vmpool.vmms")
 
 #: Autodriver exit codes (Tango's).
 EXIT_OK = 0
@@ -105,6 +108,7 @@ class VMMS(abc.ABC):
     def __init__(self, *, owner: str | None = None, prefix: str = "local") -> None:
         self.owner = owner or uuid.uuid4().hex[:12]
         self.prefix = prefix
+        self._lost_watchers: list[Callable[[list[TangoMachine]], None]] = []
 
     def instanceName(self, id: int | None, name: str) -> str:
         """Tango's instance name: ``<prefix>-<id>-<name>``."""
@@ -232,6 +236,32 @@ class VMMS(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook, empty by default
         """Release the driver's own resources (connections, clients)."""
+
+    async def background(self) -> None:  # noqa: B027 - optional hook, empty by default
+        """The driver's own background work (e.g. reconnecting to hosts that
+        went down), run by the manager in its task group for as long as it
+        runs, cancelled at close. Whatever it raises is logged, never fatal.
+        The default does nothing."""
+
+    def watch_lost(self, callback: Callable[[list[TangoMachine]], None]) -> Callable[[], None]:
+        """Call ``callback(vms)`` when the driver knows VMs are gone without
+        a destroyVM (their host went down); returns what stops the watch.
+        Pools watch their driver: a lost idle VM leaves the pool at once."""
+        self._lost_watchers.append(callback)
+
+        def stop() -> None:
+            with contextlib.suppress(ValueError):
+                self._lost_watchers.remove(callback)
+
+        return stop
+
+    def report_lost(self, vms: list[TangoMachine]) -> None:
+        """Tell the watchers that ``vms`` are gone (a driver calls it)."""
+        for callback in list(self._lost_watchers):
+            try:
+                callback(vms)
+            except Exception:
+                log.exception("%s: a lost-VM watcher failed", self.driver_name)
 
 
 def _write_bytes(dest: str, data: bytes) -> None:

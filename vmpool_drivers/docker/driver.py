@@ -146,6 +146,10 @@ LABEL_UID = "vmpool.uid"
 #: the process (and driver) that made the container, alive or not: see
 #: vmpool_drivers.liveness.process_mark
 LABEL_PROCESS = "vmpool.process"
+#: the host the container's engine is on, for a driver over many engines
+#: (vmpool_drivers.ssh_docker): one host's reconciliation never touches
+#: another's containers, even on a shared engine
+LABEL_HOST = "vmpool.host"
 #: a job's input tar and feedback go through files of this many bytes a write
 SPOOL_CHUNK = 256 * KIB
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -178,8 +182,16 @@ class DockerVMMS(VMMS):
         uid_base: int = 61000,
         uid_count: int = 2000,
         uid_dir: str = UID_DIR,
+        host: str | None = None,
+        vmms_name: str | None = None,
     ) -> None:
         super().__init__(owner=owner, prefix=prefix)
+        #: the name of the host this engine is on, when this driver is one of
+        #: several engines of one pool: it labels and names the containers,
+        #: and getVMs/getOrphans see this host's containers only
+        self.host = host
+        #: the VMMS name listed VMs carry (the composite driver's)
+        self.vmms_name = vmms_name or self.driver_name
         #: the job's own variables (the pool's config), on top of the image's Env
         self.env = dict(env or {})
         env_arguments(self.env)  # checked now: a bad name fails at start, not per job
@@ -267,8 +279,10 @@ class DockerVMMS(VMMS):
             await docker.close()
 
     def container_name(self, vm: TangoMachine) -> str:
-        # Tango's instance name, made unique per manager on a shared engine.
-        return safe_name(f"{self.instanceName(vm.id, vm.name)}-{self._owner_tag}")
+        # Tango's instance name, made unique per manager (and host) on a
+        # shared engine.
+        host = f"-{self.host}" if self.host else ""
+        return safe_name(f"{self.instanceName(vm.id, vm.name)}{host}-{self._owner_tag}")
 
     def _container(self, vm: TangoMachine) -> DockerContainer:
         ref = vm.driver_data.get("cid") or self.container_name(vm)
@@ -445,6 +459,7 @@ class DockerVMMS(VMMS):
                     LABEL_IMAGE: vm.image,
                     LABEL_UID: str(uid),
                     LABEL_PROCESS: self._mark,
+                    **self._host_labels(),
                 },
                 "HostConfig": self._host_config(vm, uid, protect),
             }
@@ -557,7 +572,8 @@ class DockerVMMS(VMMS):
                 "User": "root",
                 "NetworkDisabled": True,
                 "Labels": {LABEL_OWNER: self.owner, LABEL_POOL: "vmpool-scan",
-                           LABEL_IMAGE: image, LABEL_PROCESS: self._mark},
+                           LABEL_IMAGE: image, LABEL_PROCESS: self._mark,
+                           **self._host_labels()},
                 "HostConfig": {
                     "NetworkMode": "none", "CapDrop": ["ALL"], "CapAdd": ["DAC_OVERRIDE"],
                     "SecurityOpt": ["no-new-privileges"], "Memory": 256 * MIB,
@@ -905,7 +921,7 @@ class DockerVMMS(VMMS):
 
     async def getVMs(self) -> list[TangoMachine]:
         found = await self.docker.containers.list(
-            all=True, filters={"label": [f"{LABEL_OWNER}={self.owner}"]}
+            all=True, filters={"label": [f"{LABEL_OWNER}={self.owner}", *self._host_filter()]}
         )
         vms = [self._vm_of(c) for c in found]
         # Claims of this owner with no container at all (a crash between the
@@ -922,11 +938,18 @@ class DockerVMMS(VMMS):
         on this host and boot is dead, or this host rebooted since, or it was
         a driver of this process that is closed. A container made elsewhere
         (another host sharing the engine) or with no mark is left alone."""
-        found = await self.docker.containers.list(all=True, filters={"label": [LABEL_OWNER]})
+        found = await self.docker.containers.list(
+            all=True, filters={"label": [LABEL_OWNER, *self._host_filter()]})
         return [
             self._vm_of(c) for c in found
             if liveness.mark_is_dead((c._container.get("Labels") or {}).get(LABEL_PROCESS))
         ]
+
+    def _host_labels(self) -> dict[str, str]:
+        return {LABEL_HOST: self.host} if self.host else {}
+
+    def _host_filter(self) -> list[str]:
+        return [f"{LABEL_HOST}={self.host}"] if self.host else []
 
     def _vm_of(self, c: DockerContainer) -> TangoMachine:
         """The VM a listed container is (its labels say which)."""
@@ -935,7 +958,7 @@ class DockerVMMS(VMMS):
         vm = TangoMachine(
             name=labels.get(LABEL_POOL, "unknown"),
             image=labels.get(LABEL_IMAGE),
-            vmms=self.driver_name,
+            vmms=self.vmms_name,
             id=int(labels[LABEL_VM]) if labels.get(LABEL_VM, "").isdigit() else None,
             instance_id=c.id,
         )
