@@ -30,6 +30,13 @@ class InitializeVMError(VMMSError):
     """The VM could not be created."""
 
 
+class NoRoomError(InitializeVMError):
+    """The driver has no room for another VM now (its hosts are full,
+    draining or down): not the job's fault nor the VM's. The pool keeps its
+    jobs waiting and tries again when one of its VMs is gone, or after its
+    backoff."""
+
+
 class VMNotReadyError(VMMSError):
     """``waitVM`` found the VM unable to run jobs."""
 

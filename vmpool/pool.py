@@ -29,7 +29,13 @@ import anyio
 import anyio.abc
 
 from .config import pool_problems
-from .errors import InitializeVMError, PoolClosedError, VMMSError, VMTimeoutError
+from .errors import (
+    InitializeVMError,
+    NoRoomError,
+    PoolClosedError,
+    VMMSError,
+    VMTimeoutError,
+)
 from .lifetime import Lifetime
 from .models import TangoMachine, pool_name
 from .vmms import VMMS
@@ -110,6 +116,8 @@ class _Slot:
     scope: anyio.CancelScope | None = None
     #: creation cancelled by the pool (shrink or close), not by a deadline
     cancelled: bool = False
+    #: the driver said the VM must take no other job (lost or retired)
+    retired: bool = False
 
 
 class _Slots:
@@ -356,6 +364,8 @@ class Pool:
         self._backoff_until = 0.0
         self._last_error: str | None = None
         self._wake_scope: anyio.CancelScope | None = None
+        #: the last creation failed for want of room in the driver
+        self._no_room = False
 
         self._creators = _Workers(self, self._create, create_concurrency)
         self._destroyers = _Workers(self, self._destroy, max(4, 2 * create_concurrency))
@@ -456,6 +466,7 @@ class Pool:
         slot.uses += 1
         keep = (
             healthy
+            and not slot.retired
             and self.reuse
             and not self._closing
             and self._slots.live() <= self.max_size
@@ -468,16 +479,19 @@ class Pool:
         self._refill()
 
     def _lost(self, vms: list[TangoMachine]) -> None:
-        """The driver says these VMs are gone (their host went down): idle
-        ones and creations leave the pool now (destroyVM only forgets
-        them), busy ones when their job fails; the pool refills."""
+        """The driver says these VMs must take no other job (their host went
+        down, or is drained): idle ones and creations leave the pool now,
+        busy ones when their job ends, whatever it says; the pool refills."""
         ids = {vm.id for vm in vms if vm.id is not None}
         for slot in self._slots.of(VMState.FREE):
             if slot.vm.id in ids:
-                self._start_destroy(slot, "lost with its host")
+                self._start_destroy(slot, "retired by its driver")
         for slot in self._slots.of(VMState.CREATING):
             if slot.vm.id in ids:
                 self._cancel_creation(slot)
+        for slot in self._slots.of(VMState.BUSY):
+            if slot.vm.id in ids:
+                slot.retired = True
         self._refill()
 
     # ------------------------------------------------------------- control
@@ -803,6 +817,11 @@ class Pool:
             "pool %s: creating VM %s failed (%s); next try in %.2f s",
             self.spec.key, vm.id, detail, delay,
         )
+        if isinstance(error, NoRoomError):
+            # backpressure, not a failure: the jobs wait for room (the next
+            # VM of this pool destroyed ends the backoff)
+            self._no_room = True
+            return
         # The job at the head of the line takes the failure for this attempt.
         if self._waiters:
             waiter, _ = self._waiters.popitem(last=False)
@@ -848,6 +867,11 @@ class Pool:
                     await anyio.sleep(min(self.backoff_max, 0.05 * 2**attempt))
         if gone:
             self._slots.remove(slot)
+            if self._no_room:  # room again, maybe: try now, not after the backoff
+                self._no_room = False
+                self._backoff_until = 0.0
+                if self._wake_scope is not None:
+                    self._wake_scope.cancel()
         else:
             self._slots.move(slot, VMState.LEAKED)
             log.error("pool %s: VM %s could not be destroyed; kept as leaked", self.spec.key,

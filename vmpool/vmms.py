@@ -244,9 +244,11 @@ class VMMS(abc.ABC):
         The default does nothing."""
 
     def watch_lost(self, callback: Callable[[list[TangoMachine]], None]) -> Callable[[], None]:
-        """Call ``callback(vms)`` when the driver knows VMs are gone without
-        a destroyVM (their host went down); returns what stops the watch.
-        Pools watch their driver: a lost idle VM leaves the pool at once."""
+        """Call ``callback(vms)`` when the driver knows VMs must take no
+        other job: gone without a destroyVM (their host went down), or on a
+        host being drained. Returns what stops the watch. Pools watch their
+        driver: such an idle VM leaves the pool at once (destroyVM), a busy
+        one when its job ends."""
         self._lost_watchers.append(callback)
 
         def stop() -> None:
@@ -256,7 +258,7 @@ class VMMS(abc.ABC):
         return stop
 
     def report_lost(self, vms: list[TangoMachine]) -> None:
-        """Tell the watchers that ``vms`` are gone (a driver calls it)."""
+        """Tell the watchers that ``vms`` must take no other job (a driver calls it)."""
         for callback in list(self._lost_watchers):
             try:
                 callback(vms)

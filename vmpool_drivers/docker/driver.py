@@ -580,7 +580,8 @@ class DockerVMMS(VMMS):
                     "MemorySwap": 256 * MIB, "PidsLimit": 16, "ReadonlyRootfs": True,
                 },
             }
-            name = safe_name(f"{self.prefix}-scan-{image}-{self._owner_tag}")
+            host = f"-{self.host}" if self.host else ""
+            name = safe_name(f"{self.prefix}-scan-{image}{host}-{self._owner_tag}")
             container: DockerContainer | None = None
             try:
                 with anyio.CancelScope(shield=True), anyio.fail_after(60):

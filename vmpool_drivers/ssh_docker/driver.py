@@ -49,6 +49,7 @@ from vmpool.errors import (
     CopyInError,
     DestroyVMError,
     InitializeVMError,
+    NoRoomError,
     RunJobError,
     VMMSError,
     VMNotReadyError,
@@ -95,10 +96,10 @@ class HostSpec:
                 problems.append(f"'{k}' must be a non-empty string")
         known = set(cls.__dataclass_fields__)
         problems += [f"unknown option {k!r}" for k in raw if k not in known]
-        for k in ("port", "max_vms", "cores", "memory_mb"):
+        for k, least in (("port", 1), ("max_vms", 0), ("cores", 1), ("memory_mb", 1)):
             v = raw.get(k)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                problems.append(f"'{k}' must be an int >= 1, got {v!r}")
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < least):
+                problems.append(f"'{k}' must be an int >= {least}, got {v!r}")
         if raw.get("max_vms") is not None and (raw.get("cores") or raw.get("memory_mb")):
             problems.append("give either 'max_vms' or 'cores' and 'memory_mb', not both")
         if problems:
@@ -183,8 +184,13 @@ class SSHDockerVMMS(VMMS):
         }
 
     def drain(self, name: str, draining: bool = True) -> None:
-        """No new VMs on host ``name`` (running ones are untouched); False undoes it."""
-        self._host(name).draining = draining
+        """Drain host ``name``: no new VMs there, running jobs finish, then its
+        VMs are destroyed (idle ones at once). ``draining=False`` undoes it."""
+        h = self._host(name)
+        h.draining = draining
+        if draining:
+            log.info("ssh_docker: draining host %s (%d VMs)", name, len(h.vms))
+            self.report_lost(list(h.vms.values()))
 
     def _host(self, name: str) -> _Host:
         try:
@@ -197,7 +203,7 @@ class SSHDockerVMMS(VMMS):
         """VMs of the default size the host still has room for."""
         s = h.spec
         if s.cores is None and s.memory_mb is None:
-            return (s.max_vms or 4) - len(h.vms)
+            return (4 if s.max_vms is None else s.max_vms) - len(h.vms)
         room = math.inf
         if s.cores is not None:
             used = sum(vm.cores or 1 for vm in h.vms.values())
@@ -210,7 +216,7 @@ class SSHDockerVMMS(VMMS):
     def _capacity(self, h: _Host) -> int:
         s = h.spec
         if s.cores is None and s.memory_mb is None:
-            return s.max_vms or 4
+            return 4 if s.max_vms is None else s.max_vms
         room = math.inf
         if s.cores is not None:
             room = min(room, s.cores)
@@ -221,7 +227,7 @@ class SSHDockerVMMS(VMMS):
     def _fits(self, h: _Host, vm: TangoMachine) -> bool:
         s = h.spec
         if s.cores is None and s.memory_mb is None:
-            return len(h.vms) < (s.max_vms or 4)
+            return len(h.vms) < (4 if s.max_vms is None else s.max_vms)
         if s.cores is not None and sum(v.cores or 1 for v in h.vms.values()) + (
                 vm.cores or 1) > s.cores:
             return False
@@ -231,18 +237,18 @@ class SSHDockerVMMS(VMMS):
 
     def placement(self, vm: TangoMachine) -> list[_Host]:
         """The hosts ``vm`` may go to, best first (see the module docstring)."""
-        now = time.monotonic()
         candidates = [
             h for h in self.hosts.values()
-            if not h.draining and self._fits(h, vm)
-            and (h.state != "down" or now >= h.retry_at)
+            # a host that is down is the background work's to reconnect:
+            # no creation waits on it
+            if not h.draining and h.state != "down" and self._fits(h, vm)
             and not (vm.name in self.exclusive
                      and any(v.name == vm.name for v in h.vms.values()))
         ]
 
-        def rank(h: _Host) -> tuple[float, int, int, str]:
+        def rank(h: _Host) -> tuple[float, int, str]:
             cap = max(self._capacity(h), 1)
-            return (-self._room(h) / cap, -self._room(h), h.state == "down", h.name)
+            return (-self._room(h) / cap, -self._room(h), h.name)
 
         return sorted(candidates, key=rank)
 
@@ -453,9 +459,13 @@ class SSHDockerVMMS(VMMS):
                         with anyio.fail_after(30):
                             await h.docker.destroyVM(vm)
                 raise
-        raise InitializeVMError(
-            "no host can take the VM" + (": " + "; ".join(problems) if problems else
-                                         " (all full, draining or down)"))
+        detail = "; ".join(problems)
+        if not any(h.state == "up" for h in self.hosts.values()):
+            raise InitializeVMError(f"no host answers: {detail or 'all are down'}")
+        # hosts answer but have no room: backpressure (the jobs wait), with
+        # what the others said
+        raise NoRoomError("no host can take the VM (all full, draining or down)"
+                          + (f": {detail}" if detail else ""))
 
     async def waitVM(self, vm: TangoMachine, max_secs: float) -> None:
         await self._call(vm, VMNotReadyError, lambda d: d.waitVM(vm, max_secs))

@@ -1,0 +1,218 @@
+"""The SSH Docker driver over real sshd "hosts" (tests/sshd.py): placement,
+a host that dies mid-run and comes back, bad keys and refused connections,
+drain. Its VMMS rules are in tests/test_contract_ssh_docker.py."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiodocker
+import anyio
+import pytest
+
+from vmpool import Manager, Outcome, make_job
+from vmpool_drivers.ssh_docker import SSHDockerVMMS
+
+from .conftest import GRADER_IMAGE
+from .jobs import driver_test_settings
+from .sshd import SSHHosts, free_port, keygen
+
+UID_BASE = 69000
+UIDS = 200
+
+
+def driver(hosts: SSHHosts, rooms: list[int] | None = None, **kw: Any) -> SSHDockerVMMS:
+    specs = [hosts.spec(h, **({"max_vms": rooms[i]} if rooms else {}))
+             for i, h in enumerate(hosts.hosts)]
+    return SSHDockerVMMS(owner=f"ssh-{uuid.uuid4().hex[:8]}", hosts=specs, uid_base=UID_BASE,
+                         uid_count=UIDS, connect_timeout=5, backoff_initial=0.2,
+                         backoff_max=1.0, **kw)
+
+
+@contextlib.asynccontextmanager
+async def manager(drv: SSHDockerVMMS, **settings: Any) -> AsyncIterator[Manager]:
+    async with Manager(driver_test_settings("ssh_docker", **settings),
+                       drivers={"ssh_docker": drv}) as mgr:
+        yield mgr
+
+
+def busy_on(mgr: Manager, busy: list[int], host: str) -> bool:
+    """Whether one of the ``busy`` VMs (a pool's busy_ids) lives on ``host``."""
+    return any(vm.id in busy and vm.domain_name == host for vm in mgr.inventory())
+
+
+def spread(mgr: Manager) -> dict[str, int]:
+    return dict(Counter(vm.domain_name for vm in mgr.inventory() if vm.domain_name))
+
+
+async def containers_of(docker_host: str, owner: str, host: str | None = None) -> list[str]:
+    labels = [f"vmpool.owner={owner}", *([f"vmpool.host={host}"] if host else [])]
+    async with aiodocker.Docker(url=docker_host) as docker:
+        found = await docker.containers.list(all=True, filters={"label": labels})
+    return [c.id for c in found]
+
+
+@pytest.mark.parametrize(("rooms", "want"), [([4, 4, 4], [4, 4, 4]), ([8, 4, 0], [8, 4, 0])])
+async def test_placement_follows_free_room(ssh_hosts: SSHHosts, rooms: list[int],
+                                           want: list[int]) -> None:
+    drv = driver(ssh_hosts, rooms)
+    async with manager(drv, pool_size=12) as mgr:
+        pool = await mgr.ensure_pool(GRADER_IMAGE)
+        with anyio.fail_after(120):
+            await pool.wait_until(lambda s: s.free == 12)
+        got = spread(mgr)
+        assert [got.get(h.name, 0) for h in ssh_hosts.hosts] == want
+        # where each VM lives is in its labels too: a restart finds it
+        listed = Counter(vm.domain_name for vm in await drv.getVMs())
+        assert [listed.get(h.name, 0) for h in ssh_hosts.hosts] == want
+
+
+async def test_an_exclusive_pool_puts_one_vm_per_host(ssh_hosts: SSHHosts) -> None:
+    drv = driver(ssh_hosts, exclusive=["vmpool/grader:latest"])
+    async with manager(drv, pool_size=3, pool_max_size=4) as mgr:
+        pool = await mgr.ensure_pool(GRADER_IMAGE)
+        with anyio.fail_after(120):
+            await pool.wait_until(lambda s: s.free == 3)
+        assert sorted(spread(mgr).values()) == [1, 1, 1]
+        pool.resize(4)  # a fourth has no host to go to
+        with anyio.fail_after(60):
+            st = await pool.wait_until(lambda s: s.failed >= 1)
+        assert "no host can take the VM" in (st.last_error or "")
+        assert sorted(spread(mgr).values()) == [1, 1, 1]
+
+
+def _job(tmp: Path, i: int, seconds: float) -> Any:
+    d = tmp / f"j{i}"
+    d.mkdir()
+    (d / "Makefile").write_text(f"all:\n\t@echo job {i}; sleep {seconds:g}; echo done {i}\n")
+    (tmp / "out").mkdir(exist_ok=True)
+    return make_job(GRADER_IMAGE, [(str(d / "Makefile"), "Makefile")],
+                    str(tmp / "out" / f"{i}.out"), name=f"j{i}", timeout=60)
+
+
+async def test_a_host_that_dies_mid_run_costs_a_retry(
+        ssh_hosts: SSHHosts, docker_host: str, tmp_path: Path) -> None:
+    """60 jobs on 3 hosts, one sshd killed (with its connections) while jobs
+    run there: every job ends once, complete; those that ran there were
+    retried elsewhere and say so; the pool refills on the other two; once
+    sshd is back the host takes VMs again and its leftovers are gone."""
+    drv = driver(ssh_hosts, [2, 2, 2])
+    victim = ssh_hosts.hosts[1]
+    try:
+        async with manager(drv, pool_size=6, job_retries=2) as mgr:
+            pool = await mgr.ensure_pool(GRADER_IMAGE)
+            with anyio.fail_after(120):
+                await pool.wait_until(lambda s: s.free == 6)
+            handles = [await mgr.submit(_job(tmp_path, i, 0.5)) for i in range(60)]
+
+            with anyio.fail_after(120):
+                await pool.wait_until(lambda s: busy_on(mgr, s.busy_ids, victim.name))
+            victim.kill()
+            with anyio.fail_after(30):  # back at its target on the two others
+                await pool.wait_until(
+                    lambda s: s.total >= 4 and drv.status()[victim.name]["state"] == "down")
+            with anyio.fail_after(300):
+                await mgr.join()
+            results = [h.result for h in handles]
+            assert all(r is not None for r in results)
+            bad = [Path(h.job.outputFile).read_text() for h in handles
+                   if h.result is None or h.result.outcome is not Outcome.SUCCESS]
+            assert not bad, bad[0]
+            for h in handles:
+                text = Path(h.job.outputFile).read_text()
+                assert text.count(f"done {h.job.name[1:]}") == 1, text
+            retried = [Path(h.job.outputFile).read_text() for h in handles
+                       if "Try 1 failed" in Path(h.job.outputFile).read_text()]
+            assert retried, "no job was running on the host that died"
+            for text in retried:
+                assert f"Try 1 failed: Internal error: runJob failed: host {victim.name} " \
+                       "unreachable" in text, text
+            # back: the host is used again, and what was left there is gone
+            left_before = await containers_of(docker_host, drv.owner, victim.name)
+            victim.start()
+            pool.resize(6)
+            with anyio.fail_after(60):
+                while drv.status()[victim.name]["state"] != "up" or not any(
+                        vm.domain_name == victim.name for vm in mgr.inventory()):
+                    await pool.wait_until(lambda s: True)
+                    await anyio.sleep(0.05)  # bounded: the reconnect is on a backoff timer
+            live = {vm.instance_id for vm in mgr.inventory() if vm.domain_name == victim.name}
+            now = set(await containers_of(docker_host, drv.owner, victim.name))
+            # what the dead host kept (its VMs were forgotten, not destroyed)
+            # is removed once it answers again; what is there now is live
+            assert left_before, "the dead host kept no container (the engine is shared)"
+            assert not set(left_before) & now, f"leftovers on {victim.name}"
+            assert now <= live, f"unknown containers on {victim.name}: {now - live}"
+    finally:
+        if victim.proc is None:
+            victim.start()
+
+
+async def test_bad_keys_and_refused_connections_name_the_host(
+        ssh_hosts: SSHHosts, tmp_path: Path) -> None:
+    """An unknown host key, a wrong client key and a refused port: one clear
+    error each, naming the host; the good hosts keep working."""
+    good = ssh_hosts.spec(ssh_hosts.hosts[0], name="good")
+    stranger = tmp_path / "known_hosts"
+    stranger.write_text("")  # knows no host
+    wrong_key = tmp_path / "wrong_key"
+    keygen(wrong_key)
+    specs = [
+        good,
+        ssh_hosts.spec(ssh_hosts.hosts[1], name="unknown-key", known_hosts=str(stranger)),
+        ssh_hosts.spec(ssh_hosts.hosts[2], name="wrong-client-key", key=str(wrong_key)),
+        {**ssh_hosts.spec(ssh_hosts.hosts[0], name="refused"), "port": free_port()},
+    ]
+    drv = SSHDockerVMMS(owner=f"ssh-{uuid.uuid4().hex[:8]}", hosts=specs, uid_base=UID_BASE,
+                        uid_count=UIDS, connect_timeout=5)
+    async with manager(drv, pool_size=2) as mgr:
+        pool = await mgr.ensure_pool(GRADER_IMAGE)
+        with anyio.fail_after(120):
+            await pool.wait_until(lambda s: s.free == 2)
+        assert set(spread(mgr)) == {"good"}
+        st = drv.status()
+        assert st["good"]["state"] == "up"
+        fingerprint = (await _server_key(ssh_hosts.hosts[1].port)).get_fingerprint()
+        unknown = st["unknown-key"]["error"] or ""
+        assert "host unknown-key" in unknown and fingerprint in unknown, unknown
+        assert "host wrong-client-key" in (st["wrong-client-key"]["error"] or "")
+        assert "refused" in (st["wrong-client-key"]["error"] or "")
+        assert "host refused" in (st["refused"]["error"] or "")
+        h = await mgr.run(_job(tmp_path, 0, 0))
+        assert h.result is not None and h.result.outcome is Outcome.SUCCESS
+
+
+async def _server_key(port: int) -> Any:
+    import asyncssh
+
+    return await asyncssh.get_server_host_key("127.0.0.1", port)
+
+
+async def test_a_drained_host_finishes_its_job_and_ends_with_no_vm(
+        ssh_hosts: SSHHosts, tmp_path: Path) -> None:
+    drv = driver(ssh_hosts, [1, 1, 1])
+    async with manager(drv, pool_size=3, reuse_vms=True) as mgr:
+        pool = await mgr.ensure_pool(GRADER_IMAGE)
+        with anyio.fail_after(120):
+            await pool.wait_until(lambda s: s.free == 3)
+        target = ssh_hosts.hosts[0].name
+        handles = [await mgr.submit(_job(tmp_path, i, 2)) for i in range(3)]
+        with anyio.fail_after(60):
+            await pool.wait_until(lambda s: busy_on(mgr, s.busy_ids, target))
+        drv.drain(target)
+        with anyio.fail_after(120):
+            await mgr.join()
+            await pool.wait_until(lambda s: target not in spread(mgr))
+        assert all(h.result is not None and h.result.outcome is Outcome.SUCCESS
+                   for h in handles)
+        assert drv.status()[target] == {**drv.status()[target], "state": "draining", "vms": 0}
+        assert target not in spread(mgr)
+        drv.drain(target, False)
+        pool.resize(3)
+        with anyio.fail_after(60):
+            await pool.wait_until(lambda s: s.free == 3)
