@@ -5,6 +5,7 @@ drain. Its VMMS rules are in tests/test_contract_ssh_docker.py."""
 from __future__ import annotations
 
 import contextlib
+import re
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -216,3 +217,57 @@ async def test_a_drained_host_finishes_its_job_and_ends_with_no_vm(
         pool.resize(3)
         with anyio.fail_after(60):
             await pool.wait_until(lambda s: s.free == 3)
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+CASES = {  # example -> (files, timeout, max output)
+    "hello": (["Makefile"], 10, 0),
+    "c-program": (["Makefile", "sum.c"], 30, 0),
+    "python-grader": (["Makefile", "grader.py", "handin.py"], 30, 0),
+    "timeout": (["Makefile"], 2, 0),
+    "flood": (["Makefile"], 30, 10_000),
+}
+
+
+def _normalized(text: str) -> str:
+    """An output file without what differs from run to run: times, job ids."""
+    text = re.sub(r"Autograder \[[^\]]+\]", "Autograder [T]", text)
+    return re.sub(r"Received job (\S+):\d+", r"Received job \1:N", text)
+
+
+async def _run_examples(mgr: Manager, out: Path) -> dict[str, str]:
+    out.mkdir()
+    handles = {}
+    for name, (files, timeout, max_output) in CASES.items():
+        job = make_job(GRADER_IMAGE, [(str(EXAMPLES / name / f), f) for f in files],
+                       str(out / f"{name}.out"), name=name, timeout=timeout,
+                       max_output=max_output)
+        handles[name] = await mgr.submit(job)
+    with anyio.fail_after(180):
+        await mgr.join()
+    return {n: _normalized(Path(h.job.outputFile).read_text()) for n, h in handles.items()}
+
+
+async def test_example_outputs_match_the_local_docker_driver(
+        ssh_hosts: SSHHosts, docker_host: str, tmp_path: Path) -> None:
+    """Tango's output files for the example jobs through a pool spread over
+    3 SSH hosts are those of the Docker driver on the local engine."""
+    from vmpool_drivers.docker import DockerVMMS
+
+    drv = driver(ssh_hosts)
+    async with manager(drv, pool_size=3) as mgr:
+        pool = await mgr.ensure_pool(GRADER_IMAGE)
+        with anyio.fail_after(120):
+            await pool.wait_until(lambda s: s.free == 3)
+        assert sorted(spread(mgr).values()) == [1, 1, 1]
+        through_ssh = await _run_examples(mgr, tmp_path / "ssh")
+    local = DockerVMMS(owner=f"local-{uuid.uuid4().hex[:8]}", url=docker_host,
+                       uid_base=UID_BASE, uid_count=UIDS)
+    async with Manager(driver_test_settings("docker", pool_size=3),
+                       drivers={"docker": local}) as mgr:
+        on_local = await _run_examples(mgr, tmp_path / "local")
+    assert "tests passed: 100/100" in on_local["c-program"]
+    assert "timed out after 2 seconds" in on_local["timeout"]
+    assert "[excess bytes elided]" in on_local["flood"]
+    for name in CASES:
+        assert through_ssh[name] == on_local[name], name
