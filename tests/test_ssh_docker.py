@@ -116,7 +116,7 @@ async def test_a_host_that_dies_mid_run_costs_a_retry(
             victim.kill()
             with anyio.fail_after(30):  # back at its target on the two others
                 await pool.wait_until(
-                    lambda s: s.total >= 4 and drv.status()[victim.name]["state"] == "down")
+                    lambda s: s.total >= 4 and drv.hosts()[victim.name]["state"] == "down")
             with anyio.fail_after(300):
                 await mgr.join()
             results = [h.result for h in handles]
@@ -138,7 +138,7 @@ async def test_a_host_that_dies_mid_run_costs_a_retry(
             victim.start()
             pool.resize(6)
             with anyio.fail_after(60):
-                while drv.status()[victim.name]["state"] != "up" or not any(
+                while drv.hosts()[victim.name]["state"] != "up" or not any(
                         vm.domain_name == victim.name for vm in mgr.inventory()):
                     await pool.wait_until(lambda s: True)
                     await anyio.sleep(0.05)  # bounded: the reconnect is on a backoff timer
@@ -176,7 +176,7 @@ async def test_bad_keys_and_refused_connections_name_the_host(
         with anyio.fail_after(120):
             await pool.wait_until(lambda s: s.free == 2)
         assert set(spread(mgr)) == {"good"}
-        st = drv.status()
+        st = drv.hosts()
         assert st["good"]["state"] == "up"
         fingerprint = (await _server_key(ssh_hosts.hosts[1].port)).get_fingerprint()
         unknown = st["unknown-key"]["error"] or ""
@@ -205,15 +205,15 @@ async def test_a_drained_host_finishes_its_job_and_ends_with_no_vm(
         handles = [await mgr.submit(_job(tmp_path, i, 2)) for i in range(3)]
         with anyio.fail_after(60):
             await pool.wait_until(lambda s: busy_on(mgr, s.busy_ids, target))
-        drv.drain(target)
+        drv.drain_host(target)
         with anyio.fail_after(120):
             await mgr.join()
             await pool.wait_until(lambda s: target not in spread(mgr))
         assert all(h.result is not None and h.result.outcome is Outcome.SUCCESS
                    for h in handles)
-        assert drv.status()[target] == {**drv.status()[target], "state": "draining", "vms": 0}
+        assert drv.hosts()[target] == {**drv.hosts()[target], "state": "draining", "vms": 0}
         assert target not in spread(mgr)
-        drv.drain(target, False)
+        drv.drain_host(target, False)
         pool.resize(3)
         with anyio.fail_after(60):
             await pool.wait_until(lambda s: s.free == 3)
@@ -271,3 +271,49 @@ async def test_example_outputs_match_the_local_docker_driver(
     assert "[excess bytes elided]" in on_local["flood"]
     for name in CASES:
         assert through_ssh[name] == on_local[name], name
+
+
+async def test_the_server_shows_and_drains_hosts(ssh_hosts: SSHHosts, tmp_path: Path) -> None:
+    """/hosts, /hosts/<key>/<host>/drain and /undrain, and /pool and /metrics
+    per host, on a server whose default driver is ssh_docker."""
+    from vmpool import Settings
+
+    from .test_server import _running, make_config
+
+    settings = Settings(default_vmms="ssh_docker", pool_size=3, driver_options={
+        "ssh_docker": {"hosts": [ssh_hosts.spec(h, max_vms=2) for h in ssh_hosts.hosts],
+                       "uid_base": UID_BASE, "uid_count": UIDS}})
+    async with _running(make_config(tmp_path, settings)) as s:
+        _, body, _ = await s.get(f"/prealloc/test/{GRADER_IMAGE.replace('/', '%2F')}/3")
+        assert body["statusId"] == 0, body
+        names = [h.name for h in ssh_hosts.hosts]
+        with anyio.fail_after(120):
+            while True:
+                _, body, _ = await s.get("/pool/test")
+                hosts = next(iter(body["pools"].values())).get("hosts", {})
+                if sum(c["vms"] for c in hosts.values()) == 3:
+                    break
+                await anyio.sleep(0.1)  # bounded: the pool fills in the background
+        assert sorted(hosts) == names and all(c["vms"] == 1 for c in hosts.values())
+        _, body, _ = await s.get("/hosts/test")
+        assert {h: v["state"] for h, v in body["hosts"]["ssh_docker"].items()} == {
+            n: "up" for n in names}
+        _, text, _ = await s.get("/metrics")
+        assert f'vmpool_host_state{{driver="ssh_docker",host="{names[0]}",state="up"}} 1' \
+            in text.decode()
+        _, body = await s.post(f"/hosts/test/{names[0]}/drain")
+        assert body["statusId"] == 0 and body["hosts"]["ssh_docker"][names[0]]["state"] \
+            == "draining"
+        with anyio.fail_after(60):
+            while True:
+                _, body, _ = await s.get("/pool/test")
+                hosts = next(iter(body["pools"].values())).get("hosts", {})
+                if names[0] not in hosts and sum(c["vms"] for c in hosts.values()) == 3:
+                    break
+                await anyio.sleep(0.1)  # bounded: destroy and refill in the background
+        _, body = await s.post(f"/hosts/test/{names[0]}/undrain")
+        assert body["hosts"]["ssh_docker"][names[0]]["state"] == "up"
+        _, body = await s.post("/hosts/test/nowhere/drain")
+        assert body["statusId"] == -1 and "nowhere" in body["statusMsg"]
+        _, body = await s.post(f"/hosts/wrong/{names[0]}/drain")
+        assert body["statusMsg"] == "Key not recognized"

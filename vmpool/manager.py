@@ -155,6 +155,10 @@ class Manager:
 
     # --------------------------------------------------------------- drivers
 
+    def drivers(self) -> dict[str, VMMS]:
+        """The drivers loaded so far, by name."""
+        return dict(self._drivers)
+
     async def driver(self, name: str) -> VMMS:
         """The driver called ``name``: loaded, reconciled and its images known."""
         ready = self._ready.get(name)

@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import anyio.to_thread
 
@@ -242,6 +242,18 @@ class VMMS(abc.ABC):
         went down), run by the manager in its task group for as long as it
         runs, cancelled at close. Whatever it raises is logged, never fatal.
         The default does nothing."""
+
+    def hosts(self) -> dict[str, dict[str, Any]]:
+        """For a driver whose VMs live on several hosts: per host, its state
+        (``up``, ``down``, ``draining``, ...), its VM count and room, its last
+        error. Empty for a driver of one host (the default)."""
+        return {}
+
+    def drain_host(self, name: str, draining: bool = True) -> None:
+        """Drain host ``name``: no new VMs there, running jobs finish, then
+        its VMs go; ``draining=False`` puts it back. ValueError for a host
+        the driver does not have (the default has none)."""
+        raise ValueError(f"driver {self.driver_name} has no host {name!r}")
 
     def watch_lost(self, callback: Callable[[list[TangoMachine]], None]) -> Callable[[], None]:
         """Call ``callback(vms)`` when the driver knows VMs must take no

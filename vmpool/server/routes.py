@@ -32,7 +32,7 @@ from aiohttp import web
 from ..errors import JobError, PoolClosedError, UnknownImageError, VMPoolError
 from ..manager import Manager
 from ..metrics import escape_label_value
-from ..models import TangoJob, pool_name
+from ..models import TangoJob, TangoMachine, pool_name
 from ..scheduler import JobHandle, Outcome
 from ..threads import SerialThread
 from .callbacks import Callbacks
@@ -153,6 +153,9 @@ class TangoServer:
             ("GET", "/prealloc/{key}/{image}/{num}", self.prealloc),
             ("POST", "/prealloc/{key}/{image}/{num}", self.prealloc),
             ("GET", "/metrics", self.metrics),
+            ("GET", "/hosts/{key}", self.hosts),
+            ("POST", "/hosts/{key}/{host}/drain", self.drain_host),
+            ("POST", "/hosts/{key}/{host}/undrain", self.drain_host),
         ]
         for method, path, handler in routes:
             app.router.add_route(method, path, handler)
@@ -433,10 +436,13 @@ class TangoServer:
         if not self._key_ok(request):
             return fail("Key not recognized")
         image = request.match_info.get("image")
-        pools = {}
+        pools: dict[str, dict[str, Any]] = {}
         for p in self.manager.pools.values():
             st = p.status()
             pools[p.spec.key] = {"total": st.total_ids, "free": st.free_ids}
+            per_host = _per_host(p.inventory(), st.busy_ids)
+            if per_host:
+                pools[p.spec.key]["hosts"] = per_host
         if image is None:
             return ok("Found all pools", pools=pools)
         name = pool_name(image)
@@ -444,6 +450,31 @@ class TangoServer:
         if not found:
             return fail("Pool not found")
         return ok("Found pool", pools=found)
+
+    def _hosts(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """driver -> host -> state, VMs, room, last error (drivers with hosts)."""
+        return {name: h for name, drv in self.manager.drivers().items() if (h := drv.hosts())}
+
+    async def hosts(self, request: web.Request) -> web.StreamResponse:
+        if not self._key_ok(request):
+            return fail("Key not recognized")
+        return ok("Found hosts", hosts=self._hosts())
+
+    async def drain_host(self, request: web.Request) -> web.StreamResponse:
+        """Drain a host (no new VMs, running jobs finish, then its VMs go),
+        or put it back (``/undrain``)."""
+        if not self._key_ok(request):
+            return fail("Key not recognized")
+        host = request.match_info["host"]
+        draining = request.path.rstrip("/").endswith("/drain")
+        for name, drv in self.manager.drivers().items():
+            if host in drv.hosts():
+                drv.drain_host(host, draining)
+                log.info("host %s of driver %s %s", host, name,
+                         "draining" if draining else "back in use")
+                return ok(f"Host {host} {'draining' if draining else 'back in use'}",
+                          hosts=self._hosts())
+        return fail(f"Host not found: {host}")
 
     async def prealloc(self, request: web.Request) -> web.StreamResponse:
         if not self._key_ok(request):
@@ -530,6 +561,25 @@ class TangoServer:
             name = "vm_creation_failures_total" if k == "failed" else (
                 "jobs_queued" if k == "queued" else f"vms_{k}")
             metric(name, kind, f"Per pool: {k}.", samples)
+        host_vms: list[tuple[str, float]] = []
+        host_busy: list[tuple[str, float]] = []
+        host_state: list[tuple[str, float]] = []
+        for driver_name, hosts in self._hosts().items():
+            for host, info in hosts.items():
+                lab = (f'{{driver="{escape_label_value(driver_name)}",'
+                       f'host="{escape_label_value(host)}"')
+                host_vms.append((lab + "}", info.get("vms", 0)))
+                host_state.extend((lab + f',state="{state}"}}', int(info.get("state") == state))
+                                  for state in ("up", "down", "draining", "new"))
+        for p in self.manager.pools.values():
+            for host, counts in _per_host(p.inventory(), p.status().busy_ids).items():
+                lab = (f'{{pool="{escape_label_value(p.spec.key)}",'
+                       f'host="{escape_label_value(host)}"}}')
+                host_busy.append((lab, counts["busy"]))
+        metric("host_vms", "gauge", "Per host: VMs placed there.", host_vms)
+        metric("host_busy_vms", "gauge", "Per pool and host: VMs running a job.", host_busy)
+        metric("host_state", "gauge", "Per host: 1 for its state (up, down, draining).",
+               host_state)
         metric("background_errors_total", "counter",
                "Exceptions caught at the edge of background tasks.",
                [("", self.background_errors)])
@@ -558,3 +608,13 @@ class TangoServer:
         if h.job.notifyURL:
             self.callback(h.id, h.job.notifyURL, h.job.outputFile)
 
+
+def _per_host(vms: list[TangoMachine], busy: list[int]) -> dict[str, dict[str, int]]:
+    """Host -> VMs and busy VMs, for VMs whose driver says where they live."""
+    out: dict[str, dict[str, int]] = {}
+    for vm in vms:
+        if vm.domain_name:
+            c = out.setdefault(vm.domain_name, {"vms": 0, "busy": 0})
+            c["vms"] += 1
+            c["busy"] += vm.id in busy
+    return out

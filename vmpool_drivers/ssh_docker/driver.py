@@ -156,7 +156,7 @@ class SSHDockerVMMS(VMMS):
         names = [h.name for h in specs]
         if len(set(names)) != len(names):
             raise ValueError(f"ssh_docker: host names must differ, got {names}")
-        self.hosts: dict[str, _Host] = {h.name: _Host(h) for h in specs}
+        self._hosts: dict[str, _Host] = {h.name: _Host(h) for h in specs}
         self.keepalive_interval = keepalive_interval
         self.keepalive_count_max = keepalive_count_max
         self.connect_timeout = connect_timeout
@@ -171,7 +171,7 @@ class SSHDockerVMMS(VMMS):
 
     # ------------------------------------------------------------ hosts
 
-    def status(self) -> dict[str, dict[str, Any]]:
+    def hosts(self) -> dict[str, dict[str, Any]]:
         """Per host: state (up, down, draining, new), VMs, last error."""
         return {
             h.name: {
@@ -180,10 +180,10 @@ class SSHDockerVMMS(VMMS):
                 "room": self._room(h),
                 "error": h.error,
             }
-            for h in self.hosts.values()
+            for h in self._hosts.values()
         }
 
-    def drain(self, name: str, draining: bool = True) -> None:
+    def drain_host(self, name: str, draining: bool = True) -> None:
         """Drain host ``name``: no new VMs there, running jobs finish, then its
         VMs are destroyed (idle ones at once). ``draining=False`` undoes it."""
         h = self._host(name)
@@ -194,10 +194,10 @@ class SSHDockerVMMS(VMMS):
 
     def _host(self, name: str) -> _Host:
         try:
-            return self.hosts[name]
+            return self._hosts[name]
         except KeyError:
             raise ValueError(f"ssh_docker: no host {name!r} "
-                             f"(hosts: {', '.join(self.hosts)})") from None
+                             f"(hosts: {', '.join(self._hosts)})") from None
 
     def _room(self, h: _Host) -> int:
         """VMs of the default size the host still has room for."""
@@ -238,7 +238,7 @@ class SSHDockerVMMS(VMMS):
     def placement(self, vm: TangoMachine) -> list[_Host]:
         """The hosts ``vm`` may go to, best first (see the module docstring)."""
         candidates = [
-            h for h in self.hosts.values()
+            h for h in self._hosts.values()
             # a host that is down is the background work's to reconnect:
             # no creation waits on it
             if not h.draining and h.state != "down" and self._fits(h, vm)
@@ -258,7 +258,7 @@ class SSHDockerVMMS(VMMS):
     def _placed(self, vm: TangoMachine) -> tuple[_Host, DockerVMMS]:
         """The host a VM lives on, and its engine's driver, if it answers."""
         name = vm.driver_data.get("host")
-        h = self.hosts.get(str(name)) if name else None
+        h = self._hosts.get(str(name)) if name else None
         if h is None:
             raise VMNotReadyError(f"VM {vm.id} is on no known host")
         if h.state != "up" or h.docker is None or vm.driver_data.get("epoch") != h.epoch:
@@ -388,12 +388,12 @@ class SSHDockerVMMS(VMMS):
         """Reconnect hosts that are down, with backoff, until cancelled."""
         while True:
             now = time.monotonic()
-            down = [h for h in self.hosts.values() if h.state == "down"]
+            down = [h for h in self._hosts.values() if h.state == "down"]
             for h in down:
                 if now >= h.retry_at:
                     with contextlib.suppress(ConnectionError):
                         await self._ensure_up(h)
-            down = [h for h in self.hosts.values() if h.state == "down"]
+            down = [h for h in self._hosts.values() if h.state == "down"]
             self._wake = anyio.Event()
             wait = min((h.retry_at for h in down), default=math.inf) - time.monotonic()
             with anyio.move_on_after(max(0.05, wait) if down else math.inf):
@@ -423,7 +423,7 @@ class SSHDockerVMMS(VMMS):
     async def getImages(self) -> list[str] | None:
         """The images every host that answers has (None if none answers)."""
         found: set[str] | None = None
-        for h in self.hosts.values():
+        for h in self._hosts.values():
             try:
                 await self._ensure_up(h)
                 assert h.docker is not None
@@ -460,7 +460,7 @@ class SSHDockerVMMS(VMMS):
                             await h.docker.destroyVM(vm)
                 raise
         detail = "; ".join(problems)
-        if not any(h.state == "up" for h in self.hosts.values()):
+        if not any(h.state == "up" for h in self._hosts.values()):
             raise InitializeVMError(f"no host answers: {detail or 'all are down'}")
         # hosts answer but have no room: backpressure (the jobs wait), with
         # what the others said
@@ -490,7 +490,7 @@ class SSHDockerVMMS(VMMS):
     async def destroyVM(self, vm: TangoMachine) -> None:
         self.discard_feedback(vm)
         name = vm.driver_data.get("host")
-        h = self.hosts.get(str(name)) if name else None
+        h = self._hosts.get(str(name)) if name else None
         if h is None:
             return
         h.vms.pop(self._key(vm), None)
@@ -509,7 +509,7 @@ class SSHDockerVMMS(VMMS):
 
     async def getVMs(self) -> list[TangoMachine]:
         vms: list[TangoMachine] = []
-        for h in self.hosts.values():
+        for h in self._hosts.values():
             try:
                 await self._ensure_up(h)
                 assert h.docker is not None
@@ -523,7 +523,7 @@ class SSHDockerVMMS(VMMS):
 
     async def getOrphans(self) -> list[TangoMachine]:
         vms: list[TangoMachine] = []
-        for h in self.hosts.values():
+        for h in self._hosts.values():
             try:
                 await self._ensure_up(h)
                 assert h.docker is not None
@@ -536,7 +536,7 @@ class SSHDockerVMMS(VMMS):
         return vms
 
     async def close(self) -> None:
-        for h in self.hosts.values():
+        for h in self._hosts.values():
             if h.docker is not None:
                 with contextlib.suppress(Exception):
                     await h.docker.close()
