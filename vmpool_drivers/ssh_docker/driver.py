@@ -420,20 +420,33 @@ class SSHDockerVMMS(VMMS):
 
     # ----------------------------------------------------------- VMMS
 
-    async def getImages(self) -> list[str] | None:
-        """The images every host that answers has (None if none answers)."""
-        found: set[str] | None = None
-        for h in self._hosts.values():
+    async def _each_host(self, what: str,
+                         fn: Callable[[DockerVMMS], Awaitable[T]]) -> dict[str, T]:
+        """``fn`` on every host that answers, side by side (a host that does
+        not answer costs its connect timeout, once, not one per host); a
+        host's failure is logged and leaves it out."""
+        out: dict[str, T] = {}
+
+        async def one(h: _Host) -> None:
             try:
                 await self._ensure_up(h)
                 assert h.docker is not None
-                with anyio.fail_after(self.connect_timeout):
-                    images = set(await h.docker.getImages())
+                with anyio.fail_after(self.connect_timeout * 3):
+                    out[h.name] = await fn(h.docker)
             except Exception as e:  # one host's failure is not the others'
-                log.warning("ssh_docker: host %s: listing images: %s", h.name, e)
-                continue
-            found = images if found is None else found | images
-        return sorted(found) if found is not None else None
+                log.warning("ssh_docker: host %s: %s: %s", h.name, what, e)
+
+        async with anyio.create_task_group() as tg:
+            for h in self._hosts.values():
+                tg.start_soon(one, h)
+        return out
+
+    async def getImages(self) -> list[str] | None:
+        """The images the hosts that answer have (None if none answers)."""
+        found = await self._each_host("listing images", lambda d: d.getImages())
+        if not found:
+            return None
+        return sorted(set().union(*found.values()))
 
     async def initializeVM(self, vm: TangoMachine) -> None:
         key = self._key(vm)
@@ -508,31 +521,21 @@ class SSHDockerVMMS(VMMS):
                 raise
 
     async def getVMs(self) -> list[TangoMachine]:
-        vms: list[TangoMachine] = []
-        for h in self._hosts.values():
-            try:
-                await self._ensure_up(h)
-                assert h.docker is not None
-                for vm in await h.docker.getVMs():
-                    vm.driver_data.update(host=h.name, epoch=h.epoch)
-                    vm.domain_name = h.name
-                    vms.append(vm)
-            except Exception as e:  # one host's failure is not the others'
-                log.warning("ssh_docker: host %s: listing VMs: %s", h.name, e)
-        return vms
+        return self._located(await self._each_host("listing VMs", lambda d: d.getVMs()))
 
     async def getOrphans(self) -> list[TangoMachine]:
-        vms: list[TangoMachine] = []
-        for h in self._hosts.values():
-            try:
-                await self._ensure_up(h)
-                assert h.docker is not None
-                for vm in await h.docker.getOrphans():
-                    vm.driver_data.update(host=h.name, epoch=h.epoch)
-                    vm.domain_name = h.name
-                    vms.append(vm)
-            except Exception as e:  # one host's failure is not the others'
-                log.warning("ssh_docker: host %s: listing orphans: %s", h.name, e)
+        return self._located(
+            await self._each_host("listing orphans", lambda d: d.getOrphans()))
+
+    def _located(self, found: dict[str, list[TangoMachine]]) -> list[TangoMachine]:
+        """The VMs each host listed, marked with where they live."""
+        vms = []
+        for name, listed in found.items():
+            h = self._hosts[name]
+            for vm in listed:
+                vm.driver_data.update(host=name, epoch=h.epoch)
+                vm.domain_name = name
+                vms.append(vm)
         return vms
 
     async def close(self) -> None:
