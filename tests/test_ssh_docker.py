@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sys
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -311,8 +312,18 @@ async def test_the_server_shows_and_drains_hosts(ssh_hosts: SSHHosts, tmp_path: 
                 if names[0] not in hosts and sum(c["vms"] for c in hosts.values()) == 3:
                     break
                 await anyio.sleep(0.1)  # bounded: destroy and refill in the background
-        _, body = await s.post(f"/hosts/test/{names[0]}/undrain")
+        # the CLI: put it back, then list
+        cli = [sys.executable, "-m", "vmpool.cli", "hosts", "--server", s.url, "--key", "test"]
+        back = await anyio.run_process([*cli, "undrain", names[0]], check=False)
+        assert back.returncode == 0, back.stderr
+        assert f"Host {names[0]} back in use" in back.stdout.decode()
+        _, body, _ = await s.get("/hosts/test")
         assert body["hosts"]["ssh_docker"][names[0]]["state"] == "up"
+        listed = await anyio.run_process(cli, check=False)
+        lines = listed.stdout.decode().splitlines()
+        assert listed.returncode == 0 and [ln.split()[1] for ln in lines] == names, lines
+        wrong = await anyio.run_process([*cli[:-1], "nope", "drain", names[0]], check=False)
+        assert wrong.returncode == 1 and b"Key not recognized" in wrong.stderr
         _, body = await s.post("/hosts/test/nowhere/drain")
         assert body["statusId"] == -1 and "nowhere" in body["statusMsg"]
         _, body = await s.post(f"/hosts/wrong/{names[0]}/drain")

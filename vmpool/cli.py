@@ -204,7 +204,56 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="TOML configuration file (see vmpool.server.config)")
     serve.add_argument("--port", type=int, help="override server.port")
     serve.add_argument("--host", help="override server.host (the address to listen on)")
+    hosts = sub.add_parser(
+        "hosts", help="show a running server's hosts, or drain one (many-host drivers)")
+    hosts.add_argument("action", nargs="?", choices=["list", "drain", "undrain"],
+                       default="list")
+    hosts.add_argument("host", nargs="?", help="the host to drain or put back")
+    hosts.add_argument("--server", default=os.environ.get("VMPOOL_SERVER",
+                                                          "http://127.0.0.1:3000"),
+                       help="the server's URL (default $VMPOOL_SERVER or "
+                       "http://127.0.0.1:3000)")
+    hosts.add_argument("--key", default=os.environ.get("VMPOOL_KEY"),
+                       help="an access key of the server (default $VMPOOL_KEY)")
     return ap
+
+
+def run_hosts(args: argparse.Namespace) -> int:
+    """``vmpool hosts``: the server's /hosts routes, printed as a table."""
+    import json
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    if not args.key:
+        print("vmpool hosts: give the server's key (--key or $VMPOOL_KEY)", file=sys.stderr)
+        return 2
+    key = urllib.parse.quote(args.key, safe="")
+    if args.action == "list":
+        req = urllib.request.Request(f"{args.server.rstrip('/')}/hosts/{key}")
+    elif not args.host:
+        print(f"vmpool hosts {args.action}: name the host", file=sys.stderr)
+        return 2
+    else:
+        host = urllib.parse.quote(args.host, safe="")
+        req = urllib.request.Request(
+            f"{args.server.rstrip('/')}/hosts/{key}/{host}/{args.action}", method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            body = json.loads(r.read())
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        print(f"vmpool hosts: {args.server}: {e}", file=sys.stderr)
+        return 1
+    if body.get("statusId") != 0:
+        print(f"vmpool hosts: {body.get('statusMsg')}", file=sys.stderr)
+        return 1
+    if args.action != "list":
+        print(body.get("statusMsg"))
+    for driver, found in (body.get("hosts") or {}).items():
+        for name, h in found.items():
+            print(f"{driver:<12} {name:<20} {h.get('state', '?'):<9} vms {h.get('vms', 0):>3} "
+                  f"room {h.get('room', 0):>3}  {h.get('error') or ''}")
+    return 0
 
 
 def run_server(args: argparse.Namespace) -> int:
@@ -261,6 +310,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0)
     if args.command == "serve":
         sys.exit(run_server(args))
+    if args.command == "hosts":
+        sys.exit(run_hosts(args))
     if args.repeat < 1:
         print("vmpool: --repeat must be >= 1", file=sys.stderr)
         sys.exit(2)
