@@ -128,6 +128,8 @@ async def test_a_host_that_dies_mid_run_costs_a_retry(
             for h in handles:
                 text = Path(h.job.outputFile).read_text()
                 assert text.count(f"done {h.job.name[1:]}") == 1, text
+            # each job says where it ran last (Tango's job.vm, as /jobs shows it)
+            assert {h.job.vm.domain_name for h in handles} <= {h.name for h in ssh_hosts.hosts}
             retried = [Path(h.job.outputFile).read_text() for h in handles
                        if "Try 1 failed" in Path(h.job.outputFile).read_text()]
             assert retried, "no job was running on the host that died"
@@ -328,3 +330,28 @@ async def test_the_server_shows_and_drains_hosts(ssh_hosts: SSHHosts, tmp_path: 
         assert body["statusId"] == -1 and "nowhere" in body["statusMsg"]
         _, body = await s.post(f"/hosts/wrong/{names[0]}/drain")
         assert body["statusMsg"] == "Key not recognized"
+
+
+def _place_many(rooms: list[int], n: int) -> list[int]:
+    """Where ``n`` VMs go on hosts of ``rooms`` (the placement rule alone)."""
+    from vmpool import TangoMachine
+
+    specs = [{"name": f"h{i}", "address": "127.0.0.1", "user": "u", "key": "k",
+              "known_hosts": "kh", "max_vms": r} for i, r in enumerate(rooms)]
+    drv = SSHDockerVMMS(hosts=specs)
+    for h in drv._hosts.values():
+        h.state = "up"
+    for i in range(n):
+        vm = TangoMachine(name="p", image="img", id=i + 1)
+        best = drv.placement(vm)
+        if not best:
+            break
+        best[0].vms[str(i)] = vm
+    return [len(h.vms) for h in drv._hosts.values()]
+
+
+def test_placement_rule_spreads_by_share_of_room() -> None:
+    assert _place_many([20, 20, 20, 20], 40) == [10, 10, 10, 10]
+    assert _place_many([8, 4], 6) == [4, 2]  # half the room, half the VMs
+    assert _place_many([8, 4, 0], 20) == [8, 4, 0]
+    assert _place_many([4, 4, 4], 12) == [4, 4, 4]

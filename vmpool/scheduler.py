@@ -395,6 +395,7 @@ class Scheduler:
         h.state = JobState.RUNNING
         job.assigned = True
         job.vm.id = vm.id  # the VM it runs on (Tango's job.vm; /jobs shows vm.id)
+        job.vm.domain_name = vm.domain_name  # and where, for a driver of many hosts
         vm_name = driver.instanceName(vm.id, vm.name)
         job.log(f"Assigned job {job.name}:{job.id} existing VM {vm_name}")
         feedback = temp_path_for(job.outputFile, f"vmpool-{job.id}-{job.retries}.feedback")

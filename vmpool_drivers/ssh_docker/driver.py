@@ -12,7 +12,8 @@ reconciliation never touches another host's containers, even when two
 Placement: a new VM goes to the usable host with the largest share of its
 room free (``max_vms`` slots, or ``cores`` and ``memory_mb``), ties to the
 one with more room, then by name: 40 VMs on 4 equal hosts end 10/10/10/10,
-and a host with half the room gets half the VMs.
+and a host with half the room gets half the VMs. Only hosts that have the
+VM's image (as their last listing said) are candidates.
 
 A host that stops answering (keepalive lost, connection refused or closed)
 is marked down at once: the pools are told its VMs are lost (idle ones leave
@@ -123,6 +124,8 @@ class _Host:
     retry_at: float = 0.0
     #: containers of an earlier connection to remove once it answers
     dirty: bool = False
+    #: the images it has (None: not listed yet): a VM goes only where its image is
+    images: set[str] | None = None
     lock: anyio.Lock = field(default_factory=anyio.Lock)
 
     @property
@@ -242,6 +245,7 @@ class SSHDockerVMMS(VMMS):
             # a host that is down is the background work's to reconnect:
             # no creation waits on it
             if not h.draining and h.state != "down" and self._fits(h, vm)
+            and (h.images is None or vm.image in h.images)
             and not (vm.name in self.exclusive
                      and any(v.name == vm.name for v in h.vms.values()))
         ]
@@ -444,6 +448,8 @@ class SSHDockerVMMS(VMMS):
     async def getImages(self) -> list[str] | None:
         """The images the hosts that answer have (None if none answers)."""
         found = await self._each_host("listing images", lambda d: d.getImages())
+        for name, images in found.items():
+            self._hosts[name].images = set(images)
         if not found:
             return None
         return sorted(set().union(*found.values()))
