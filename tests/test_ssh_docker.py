@@ -152,6 +152,13 @@ async def test_a_host_that_dies_mid_run_costs_a_retry(
             assert left_before, "the dead host kept no container (the engine is shared)"
             assert not set(left_before) & now, f"leftovers on {victim.name}"
             assert now <= live, f"unknown containers on {victim.name}: {now - live}"
+            # and the other hosts' containers (on the same engine) were left alone
+            for other in ssh_hosts.hosts:
+                if other is not victim:
+                    theirs = {vm.instance_id for vm in mgr.inventory()
+                              if vm.domain_name == other.name}
+                    on_engine = set(await containers_of(docker_host, drv.owner, other.name))
+                    assert theirs and theirs <= on_engine, other.name
     finally:
         if victim.proc is None:
             victim.start()
