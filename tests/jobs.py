@@ -154,3 +154,21 @@ def claims(uids: range) -> dict[int, str]:
         with contextlib.suppress(OSError):
             found[uid] = (Path(UID_DIR) / str(uid) / "owner").read_text().strip()
     return found
+
+
+async def docker_leftovers(docker_host: str, owner: str, uids: range) -> list[str]:
+    """What of ``owner`` is left on the engine and this host: its containers
+    (by the owner label, running or not), its uid claims of ``uids``, and
+    processes of those uids other than those another owner holds."""
+    import aiodocker
+
+    async with aiodocker.Docker(url=docker_host) as docker:
+        found = await docker.containers.list(
+            all=True, filters={"label": [f"vmpool.owner={owner}"]})
+        left = [f"container {c.id[:12]} {c._container.get('State')}" for c in found]
+    held = claims(uids)
+    mine = f"docker:{owner}/"
+    left += [f"uid claim {u} ({h})" for u, h in held.items() if h.startswith(mine)]
+    others = {u for u, h in held.items() if not h.startswith(mine)}
+    left += [f"process {p}" for p in processes_of(set(uids) - others)]
+    return left

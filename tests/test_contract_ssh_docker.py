@@ -7,7 +7,6 @@ and processes of the range's uids other than those another owner holds.
 
 from __future__ import annotations
 
-import aiodocker
 import pytest
 
 pytest.register_assert_rewrite("tests.driver_contract")
@@ -17,12 +16,11 @@ from vmpool_drivers.ssh_docker import SSHDockerVMMS  # noqa: E402
 from .conftest import GRADER_IMAGE  # noqa: E402
 from .driver_contract import *  # noqa: E402, F403
 from .driver_contract import Target  # noqa: E402
-from .jobs import claims, processes_of  # noqa: E402
+from .jobs import docker_leftovers  # noqa: E402
 from .sshd import SSHHosts  # noqa: E402
 
 UID_BASE = 68000
 UIDS = 100
-LABEL_OWNER = "vmpool.owner"
 
 
 @pytest.fixture
@@ -34,17 +32,7 @@ async def contract_target(docker_host: str, ssh_hosts: SSHHosts) -> Target:
                              uid_base=UID_BASE, uid_count=UIDS)
 
     async def leftovers(driver: SSHDockerVMMS) -> list[str]:
-        owner = driver.owner
-        async with aiodocker.Docker(url=docker_host) as docker:
-            found = await docker.containers.list(
-                all=True, filters={"label": [f"{LABEL_OWNER}={owner}"]})
-            left = [f"container {c.id[:12]} {c._container.get('State')}" for c in found]
-        held = claims(uids)
-        mine = f"docker:{owner}/"
-        left += [f"uid claim {u} ({h})" for u, h in held.items() if h.startswith(mine)]
-        others = {u for u, h in held.items() if not h.startswith(mine)}
-        left += [f"process {p}" for p in processes_of(set(uids) - others)]
-        return left
+        return await docker_leftovers(docker_host, driver.owner, uids)
 
     return Target(name="ssh_docker", image=GRADER_IMAGE, make_driver=make_driver,
                   leftovers=leftovers)
