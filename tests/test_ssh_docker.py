@@ -145,10 +145,11 @@ async def test_a_host_that_dies_mid_run_costs_a_retry(
             victim.start()
             pool.resize(6)
             with anyio.fail_after(60):
-                while drv.hosts()[victim.name]["state"] != "up" or not any(
-                        vm.domain_name == victim.name for vm in mgr.inventory()):
-                    await pool.wait_until(lambda s: True)
-                    await anyio.sleep(0.05)  # bounded: the reconnect is on a backoff timer
+                # warm again on all three (the host's return ends the pool's
+                # wait for room: no timer to wait out), nothing being made
+                await pool.wait_until(lambda s: s.free == 6 and s.creating == 0)
+            assert drv.hosts()[victim.name]["state"] == "up"
+            assert spread(mgr) == {h.name: 2 for h in ssh_hosts.hosts}
             live = {vm.instance_id for vm in mgr.inventory() if vm.domain_name == victim.name}
             now = set(await containers_of(docker_host, drv.owner, victim.name))
             # what the dead host kept (its VMs were forgotten, not destroyed)

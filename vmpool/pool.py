@@ -378,6 +378,7 @@ class Pool:
         self._closing = False
         self._closed = anyio.Event()
         self._unwatch = driver.watch_lost(self._lost)
+        self._unwatch_room = driver.watch_room(self._room)
 
     # ------------------------------------------------------------------ life
 
@@ -478,6 +479,16 @@ class Pool:
             self._start_destroy(slot, "one-shot" if healthy else "in doubt after its job")
         self._refill()
 
+    def _room(self) -> None:
+        """There may be room again: after a NoRoomError, try now, not after
+        the backoff."""
+        if self._no_room:
+            self._no_room = False
+            self._backoff_until = 0.0
+            if self._wake_scope is not None:
+                self._wake_scope.cancel()
+            self._refill()
+
     def _lost(self, vms: list[TangoMachine]) -> None:
         """The driver says these VMs must take no other job (their host went
         down, or is drained): idle ones and creations leave the pool now,
@@ -551,6 +562,7 @@ class Pool:
             await self._close(busy_grace)
         finally:
             self._unwatch()
+            self._unwatch_room()
             self._closed.set()
             if not self._life.from_owner():
                 self._life.request_close()
@@ -867,11 +879,7 @@ class Pool:
                     await anyio.sleep(min(self.backoff_max, 0.05 * 2**attempt))
         if gone:
             self._slots.remove(slot)
-            if self._no_room:  # room again, maybe: try now, not after the backoff
-                self._no_room = False
-                self._backoff_until = 0.0
-                if self._wake_scope is not None:
-                    self._wake_scope.cancel()
+            self._room()  # room again, maybe
         else:
             self._slots.move(slot, VMState.LEAKED)
             log.error("pool %s: VM %s could not be destroyed; kept as leaked", self.spec.key,

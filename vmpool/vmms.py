@@ -109,6 +109,7 @@ class VMMS(abc.ABC):
         self.owner = owner or uuid.uuid4().hex[:12]
         self.prefix = prefix
         self._lost_watchers: list[Callable[[list[TangoMachine]], None]] = []
+        self._room_watchers: list[Callable[[], None]] = []
 
     def instanceName(self, id: int | None, name: str) -> str:
         """Tango's instance name: ``<prefix>-<id>-<name>``."""
@@ -268,6 +269,27 @@ class VMMS(abc.ABC):
                 self._lost_watchers.remove(callback)
 
         return stop
+
+    def watch_room(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback()`` when the driver may have room again after it
+        raised NoRoomError (a host came back, or was put back); returns what
+        stops the watch. Pools watch it: their jobs waiting for room get a
+        VM now, not after the backoff."""
+        self._room_watchers.append(callback)
+
+        def stop() -> None:
+            with contextlib.suppress(ValueError):
+                self._room_watchers.remove(callback)
+
+        return stop
+
+    def report_room(self) -> None:
+        """Tell the watchers there may be room again (a driver calls it)."""
+        for callback in list(self._room_watchers):
+            try:
+                callback()
+            except Exception:
+                log.exception("%s: a room watcher failed", self.driver_name)
 
     def report_lost(self, vms: list[TangoMachine]) -> None:
         """Tell the watchers that ``vms`` must take no other job (a driver calls it)."""

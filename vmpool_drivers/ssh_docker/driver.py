@@ -191,6 +191,8 @@ class SSHDockerVMMS(VMMS):
         VMs are destroyed (idle ones at once). ``draining=False`` undoes it."""
         h = self._host(name)
         h.draining = draining
+        if not draining:
+            self.report_room()
         if draining:
             log.info("ssh_docker: draining host %s (%d VMs)", name, len(h.vms))
             self.report_lost(list(h.vms.values()))
@@ -371,6 +373,7 @@ class SSHDockerVMMS(VMMS):
                 raise
             if h.dirty:
                 await self._clean(h)
+        self.report_room()  # a host answers again: pools waiting for room try now
 
     async def _clean(self, h: _Host) -> None:
         """Remove what this manager left on ``h`` under an earlier connection."""
