@@ -202,9 +202,9 @@ async def test_close_destroys_everything_and_fails_waiters() -> None:
 
 async def test_cancelled_waiter_leaves_the_line() -> None:
     sim = SimVMMS()
-    async with make_pool(sim, min_idle=0, max_size=1, reuse=True) as pool:
-        first = pool.lease()
-        await first.__aenter__()
+    async with make_pool(sim, min_idle=0, max_size=1, reuse=True) as pool, \
+            AsyncExitStack() as holding:
+        first = await holding.enter_async_context(pool.lease())
         first.healthy = True
         got: list[int | None] = []
         scopes: list[anyio.CancelScope] = []
@@ -233,7 +233,7 @@ async def test_cancelled_waiter_leaves_the_line() -> None:
             with anyio.fail_after(5):
                 await pool.wait_until(lambda s: s.waiting == 1)
             vm_id = first.vm.id
-            await first.__aexit__(None, None, None)
+            await holding.aclose()  # the held VM goes back: the waiter left gets it
         assert got == [vm_id]
         st = pool.status()
         assert st.waiting == 0 and st.busy == 0

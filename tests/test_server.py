@@ -76,30 +76,36 @@ def srv_cm(tmp_path: Path) -> _running:
 
 
 class _running:
+    """The server as an async context manager: its task group and HTTP
+    client on one AsyncExitStack, entered and left by the test's task."""
+
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.stop = anyio.Event()
 
     async def __aenter__(self) -> Srv:
-        self.tg = anyio.create_task_group()
-        await self.tg.__aenter__()
-        port: list[int] = []
-        started = anyio.Event()
+        self._stack = contextlib.AsyncExitStack()
+        try:
+            tg = await self._stack.enter_async_context(anyio.create_task_group())
+            self._stack.callback(self.stop.set)  # runs first: the server stops
+            port: list[int] = []
+            started = anyio.Event()
 
-        def ready(p: int) -> None:
-            port.append(p)
-            started.set()
+            def ready(p: int) -> None:
+                port.append(p)
+                started.set()
 
-        self.tg.start_soon(lambda: serve(self.config, ready=ready, stop=self.stop))
-        with anyio.fail_after(20):
-            await started.wait()
-        self.http = aiohttp.ClientSession()
-        return Srv(f"http://127.0.0.1:{port[0]}", self.config, self.http)
+            tg.start_soon(lambda: serve(self.config, ready=ready, stop=self.stop))
+            with anyio.fail_after(20):
+                await started.wait()
+            http = await self._stack.enter_async_context(aiohttp.ClientSession())
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return Srv(f"http://127.0.0.1:{port[0]}", self.config, http)
 
     async def __aexit__(self, *exc: object) -> None:
-        await self.http.close()
-        self.stop.set()
-        await self.tg.__aexit__(None, None, None)
+        await self._stack.aclose()
 
 
 @contextlib.asynccontextmanager
