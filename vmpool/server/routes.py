@@ -188,6 +188,16 @@ class TangoServer:
             return None
         return self.courselabs / f"{key}-{courselab}"
 
+    def _existing_lab(self, request: web.Request) -> Path | web.Response:
+        """The request's courselab directory, or the failure to answer with
+        (a key not recognized; a courselab bad or not opened)."""
+        if not self._key_ok(request):
+            return fail("Key not recognized")
+        lab = self._lab_dir(request.match_info["key"], request.match_info["courselab"])
+        if lab is None or not lab.is_dir():
+            return fail("Courselab not found")
+        return lab
+
     # -------------------------------------------------------------- routes
 
     async def hello(self, request: web.Request) -> web.StreamResponse:
@@ -207,12 +217,9 @@ class TangoServer:
         return ok("Created directory" if created else "Found directory", files=files)
 
     async def upload(self, request: web.Request) -> web.StreamResponse:
-        if not self._key_ok(request):
-            return fail("Key not recognized")
-        key, courselab = request.match_info["key"], request.match_info["courselab"]
-        lab = self._lab_dir(key, courselab)
-        if lab is None or not lab.is_dir():
-            return fail("Courselab not found")
+        lab = self._existing_lab(request)
+        if isinstance(lab, web.Response):
+            return lab
         name = request.headers.get("Filename")
         problem = check_file_name(name)
         if problem is not None:
@@ -258,12 +265,10 @@ class TangoServer:
                 tmp.unlink()
 
     async def add_job(self, request: web.Request) -> web.StreamResponse:
-        if not self._key_ok(request):
-            return fail("Key not recognized")
+        lab = self._existing_lab(request)
+        if isinstance(lab, web.Response):
+            return lab
         key, courselab = request.match_info["key"], request.match_info["courselab"]
-        lab = self._lab_dir(key, courselab)
-        if lab is None or not lab.is_dir():
-            return fail("Courselab not found")
         try:
             body = await request.json(loads=json.loads)
         except (ValueError, UnicodeDecodeError) as e:
@@ -321,12 +326,9 @@ class TangoServer:
         return h
 
     async def poll(self, request: web.Request) -> web.StreamResponse:
-        if not self._key_ok(request):
-            return fail("Key not recognized")
-        key, courselab = request.match_info["key"], request.match_info["courselab"]
-        lab = self._lab_dir(key, courselab)
-        if lab is None or not lab.is_dir():
-            return fail("Courselab not found")
+        lab = self._existing_lab(request)
+        if isinstance(lab, web.Response):
+            return lab
         name = request.match_info["outputFile"]
         if check_file_name(name) is not None:
             return fail("Output file not found")
