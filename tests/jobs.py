@@ -4,7 +4,10 @@ local driver, Docker driver): one copy of each bomb."""
 from __future__ import annotations
 
 import contextlib
+import http.server
 import os
+import threading
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -172,3 +175,43 @@ async def docker_leftovers(docker_host: str, owner: str, uids: range) -> list[st
     others = {u for u, h in held.items() if not h.startswith(mine)}
     left += [f"process {p}" for p in processes_of(set(uids) - others)]
     return left
+
+
+class CallbackReceiver:
+    """An HTTP listener on 127.0.0.1, in a thread of its own, taking the jobs'
+    callbacks (Tango's multipart POST with a ``Filename`` header; any POST
+    is answered 200). ``got``: (Filename, body) of each, in order."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[str, bytes]] = []
+        self.cond = threading.Condition()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                with outer.cond:
+                    outer.got.append((self.headers.get("Filename", ""), body))
+                    outer.cond.notify_all()
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}/cb"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def wait_for(self, names: set[str], limit: float) -> Counter[str]:
+        with self.cond:
+            self.cond.wait_for(lambda: names <= {n for n, _ in self.got}, timeout=limit)
+            return Counter(n for n, _ in self.got)
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=10)

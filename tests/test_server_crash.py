@@ -17,7 +17,6 @@ test waits for output files written by another process.
 from __future__ import annotations
 
 import contextlib
-import http.server
 import json
 import os
 import queue
@@ -29,7 +28,6 @@ import sys
 import threading
 import time
 import urllib.request
-from collections import Counter
 from pathlib import Path
 from typing import IO, Any
 
@@ -40,6 +38,7 @@ from vmpool.server.store import SQLiteStore
 from vmpool_drivers.local import LocalVMMS
 
 from .conftest import autograder_re
+from .jobs import CallbackReceiver
 
 ROOT = Path(__file__).resolve().parents[1]
 UID_BASE = 63500
@@ -110,44 +109,6 @@ class Server:
             self.proc.kill()
             self.proc.wait()
         self._reader.join(timeout=10)
-
-
-class Callbacks:
-    """An HTTP listener on 127.0.0.1 taking the jobs' callbacks (Tango's
-    multipart POST with a ``Filename`` header)."""
-
-    def __init__(self) -> None:
-        self.got: list[tuple[str, bytes]] = []
-        self.cond = threading.Condition()
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                with outer.cond:
-                    outer.got.append((self.headers.get("Filename", ""), body))
-                    outer.cond.notify_all()
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def wait_for(self, names: set[str], limit: float) -> Counter[str]:
-        with self.cond:
-            self.cond.wait_for(lambda: names <= {n for n, _ in self.got}, timeout=limit)
-            return Counter(n for n, _ in self.got)
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=10)
 
 
 def call(port: int, method: str, path: str, body: bytes | None = None,
@@ -305,7 +266,7 @@ def test_sigkill_mid_run_then_restart_runs_every_job_exactly_once(tmp_path: Path
     # but it must leave room for this run's sandboxes
     assert len(before.get("uid claims", [])) < UIDS - 8, before
     servers: list[Server] = []
-    callbacks = Callbacks()
+    callbacks = CallbackReceiver()
     cb_url = f"http://127.0.0.1:{callbacks.port}/done"
     t0 = time.monotonic()
     try:

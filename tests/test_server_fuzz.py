@@ -55,6 +55,8 @@ from vmpool import Settings
 from vmpool.server import HELLO, serve
 from vmpool.server.config import ServerConfig
 
+from .jobs import CallbackReceiver
+
 KEY = "fuzzkey"
 LAB = "lab"
 IMAGES = ["img.img", "other.img"]
@@ -133,35 +135,7 @@ class Answer:
     body: bytes
 
 
-class CallbackSink:
-    """Takes every callback (any POST) on 127.0.0.1 and answers 200."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                outer.count += 1
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/cb"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-SINK = CallbackSink()
+SINK = CallbackReceiver()  # takes every callback, answers 200
 
 
 def send(port: int, method: str, target: bytes, headers: list[tuple[bytes, bytes]],
@@ -566,7 +540,7 @@ def test_fuzz_the_http_api(server: tuple[ServerThread, Path]) -> None:
             else:
                 assert d.parent.parent == labs and d.name == "output" and dirs == [], d
         srv.close()
-        assert SINK.count > 0  # callbacks were delivered, not only tried
+        assert SINK.got  # callbacks were delivered, not only tried
     finally:
         vmpool_log.removeHandler(errors)
         parser_log.setLevel(parser_level)
