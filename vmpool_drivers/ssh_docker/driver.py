@@ -204,41 +204,27 @@ class SSHDockerVMMS(VMMS):
             raise ValueError(f"ssh_docker: no host {name!r} "
                              f"(hosts: {', '.join(self._hosts)})") from None
 
-    def _room(self, h: _Host) -> int:
-        """VMs of the default size the host still has room for."""
+    def _room(self, h: _Host, vms: Sequence[TangoMachine] | None = None) -> int:
+        """VMs of the default size the host has room for once ``vms`` (by
+        default, those placed there) are on it; negative when they do not fit."""
         s = h.spec
+        placed = list(h.vms.values()) if vms is None else vms
         if s.cores is None and s.memory_mb is None:
-            return (4 if s.max_vms is None else s.max_vms) - len(h.vms)
+            return (4 if s.max_vms is None else s.max_vms) - len(placed)
         room = math.inf
         if s.cores is not None:
-            used = sum(vm.cores or 1 for vm in h.vms.values())
-            room = min(room, s.cores - used)
+            room = min(room, s.cores - sum(vm.cores or 1 for vm in placed))
         if s.memory_mb is not None:
-            used = sum(vm.memory or self.memory_mb for vm in h.vms.values())
+            used = sum(vm.memory or self.memory_mb for vm in placed)
             room = min(room, (s.memory_mb - used) // self.memory_mb)
         return int(room)
 
     def _capacity(self, h: _Host) -> int:
-        s = h.spec
-        if s.cores is None and s.memory_mb is None:
-            return 4 if s.max_vms is None else s.max_vms
-        room = math.inf
-        if s.cores is not None:
-            room = min(room, s.cores)
-        if s.memory_mb is not None:
-            room = min(room, s.memory_mb // self.memory_mb)
-        return int(room)
+        """Its room when empty."""
+        return self._room(h, [])
 
     def _fits(self, h: _Host, vm: TangoMachine) -> bool:
-        s = h.spec
-        if s.cores is None and s.memory_mb is None:
-            return len(h.vms) < (4 if s.max_vms is None else s.max_vms)
-        if s.cores is not None and sum(v.cores or 1 for v in h.vms.values()) + (
-                vm.cores or 1) > s.cores:
-            return False
-        mem = self.memory_mb
-        return s.memory_mb is None or (
-            sum(v.memory or mem for v in h.vms.values()) + (vm.memory or mem) <= s.memory_mb)
+        return self._room(h, [*h.vms.values(), vm]) >= 0
 
     def placement(self, vm: TangoMachine) -> list[_Host]:
         """The hosts ``vm`` may go to, best first (see the module docstring)."""
@@ -342,14 +328,18 @@ class SSHDockerVMMS(VMMS):
             os.chmod(self._sock_dir, 0o700)
         return self._sock_dir / f"{safe_name(h.name)}-{h.epoch + 1}.sock"
 
-    def _down(self, h: _Host, why: str) -> None:
-        """Mark ``h`` down: its VMs are lost, it is retried with backoff."""
-        if h.state == "down":
-            return
+    def _failed(self, h: _Host, why: str) -> None:
+        """``h`` is down for ``why``; the next try after a capped, doubling backoff."""
         h.state, h.error = "down", why
         h.failures += 1
         h.retry_at = time.monotonic() + min(
             self.backoff_max, self.backoff_initial * 2 ** min(h.failures - 1, 30))
+
+    def _down(self, h: _Host, why: str) -> None:
+        """Mark ``h`` down: its VMs are lost, it is retried with backoff."""
+        if h.state == "down":
+            return
+        self._failed(h, why)
         h.dirty = True
         lost = list(h.vms.values())
         h.vms.clear()
@@ -366,10 +356,7 @@ class SSHDockerVMMS(VMMS):
             try:
                 await self._connect(h)
             except ConnectionError as e:
-                h.state, h.error = "down", str(e)
-                h.failures += 1
-                h.retry_at = time.monotonic() + min(
-                    self.backoff_max, self.backoff_initial * 2 ** min(h.failures - 1, 30))
+                self._failed(h, str(e))
                 raise
             if h.dirty:
                 await self._clean(h)
