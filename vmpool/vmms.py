@@ -262,42 +262,41 @@ class VMMS(abc.ABC):
         host being drained. Returns what stops the watch. Pools watch their
         driver: such an idle VM leaves the pool at once (destroyVM), a busy
         one when its job ends."""
-        self._lost_watchers.append(callback)
-
-        def stop() -> None:
-            with contextlib.suppress(ValueError):
-                self._lost_watchers.remove(callback)
-
-        return stop
+        return _watch(self._lost_watchers, callback)
 
     def watch_room(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback()`` when the driver may have room again after it
         raised NoRoomError (a host came back, or was put back); returns what
         stops the watch. Pools watch it: their jobs waiting for room get a
         VM now, not after the backoff."""
-        self._room_watchers.append(callback)
-
-        def stop() -> None:
-            with contextlib.suppress(ValueError):
-                self._room_watchers.remove(callback)
-
-        return stop
+        return _watch(self._room_watchers, callback)
 
     def report_room(self) -> None:
         """Tell the watchers there may be room again (a driver calls it)."""
-        for callback in list(self._room_watchers):
-            try:
-                callback()
-            except Exception:
-                log.exception("%s: a room watcher failed", self.driver_name)
+        self._notify(self._room_watchers, "room")
 
     def report_lost(self, vms: list[TangoMachine]) -> None:
         """Tell the watchers that ``vms`` must take no other job (a driver calls it)."""
-        for callback in list(self._lost_watchers):
+        self._notify(self._lost_watchers, "lost-VM", vms)
+
+    def _notify(self, watchers: list[Callable[..., None]], what: str, *args: Any) -> None:
+        for callback in list(watchers):
             try:
-                callback(vms)
+                callback(*args)
             except Exception:
-                log.exception("%s: a lost-VM watcher failed", self.driver_name)
+                log.exception("%s: a %s watcher failed", self.driver_name, what)
+
+
+def _watch(watchers: list[Callable[..., None]],
+           callback: Callable[..., None]) -> Callable[[], None]:
+    """Add ``callback`` to ``watchers``; returns what takes it out again."""
+    watchers.append(callback)
+
+    def stop() -> None:
+        with contextlib.suppress(ValueError):
+            watchers.remove(callback)
+
+    return stop
 
 
 def _write_bytes(dest: str, data: bytes) -> None:
