@@ -367,8 +367,8 @@ class SSHDockerVMMS(VMMS):
         assert h.docker is not None
         try:
             with anyio.fail_after(self.connect_timeout * 3):
-                left = [vm for vm in await h.docker.getVMs()
-                        if vm.instance_id not in {v.instance_id for v in h.vms.values()}]
+                live = {v.instance_id for v in h.vms.values()}
+                left = [vm for vm in await h.docker.getVMs() if vm.instance_id not in live]
                 for vm in left:
                     await h.docker.destroyVM(vm)
         except (Exception, TimeoutError) as e:
