@@ -9,7 +9,9 @@ After every test no process of the grading user may be left (autouse check).
 from __future__ import annotations
 
 import ast
+import atexit
 import contextlib
+import functools
 import importlib.util
 import os
 import pwd
@@ -114,6 +116,20 @@ def makefile(*recipe: str) -> dict[str, str]:
     return {"Makefile": "all:\n" + "".join(f"\t{line}\n" for line in recipe)}
 
 
+@functools.cache
+def _readable_autodriver() -> Path:
+    """A copy of the autodriver any user may read: a run as an unprivileged
+    user must not depend on the checkout's own directories being readable
+    (a clone in ``mktemp -d`` is owner-only)."""
+    d = Path(tempfile.mkdtemp(prefix="vmpool-adtest-prog-"))
+    d.chmod(0o755)
+    copy = d / "autodriver.py"
+    shutil.copyfile(AUTODRIVER, copy)
+    copy.chmod(0o644)
+    atexit.register(shutil.rmtree, d, True)
+    return copy
+
+
 def run(
     *args: str | Path,
     user: str | None = GRADER,
@@ -121,7 +137,9 @@ def run(
     python: str = PYTHON,
     **kwargs: object,
 ) -> Result:
-    cmd = [python, str(AUTODRIVER)]
+    # run as another user (preexec_fn): from a copy that user can read
+    program = _readable_autodriver() if "preexec_fn" in kwargs else AUTODRIVER
+    cmd = [python, str(program)]
     if user is not None:
         cmd += ["--user", user]
     cmd += [str(a) for a in args]
