@@ -80,6 +80,9 @@ class Settings:
     pool_max_size: int = 0
     #: VMs created at once per pool
     create_concurrency: int = 4
+    #: free VMs over a pool's warm size are kept this long once idle, for
+    #: the next burst, then destroyed (0: at once)
+    idle_timeout: float = 0.0
     #: destroy a VM after one job (Tango's default); False returns it to the pool
     reuse_vms: bool = False
     #: first and largest pause after failed VM creations (doubles each time)

@@ -281,6 +281,7 @@ class Manager:
             destroy_timeout=s.destroy_timeout,
             backoff_initial=s.backoff_initial,
             backoff_max=s.backoff_max,
+            idle_timeout=s.idle_timeout,
             next_vm_id=self._next_vm_id,
             task_group=self._life.task_group,
         )

@@ -257,6 +257,9 @@ class PoolStatus:
     busy_ids: list[int] = field(default_factory=list)
     creating_ids: list[int] = field(default_factory=list)
     closed: bool = False
+    idle_timeout: float = 0.0
+    #: the driver's instance-hours of this pool (EC2), if it counts them
+    usage: dict[str, float] | None = None
 
     @property
     def total_ids(self) -> list[int]:
@@ -269,6 +272,7 @@ class PoolStatus:
             "min_idle": self.min_idle,
             "max_size": self.max_size,
             "reuse": self.reuse,
+            "idle_timeout": self.idle_timeout,
             "total": self.total,
             "free": self.free,
             "busy": self.busy,
@@ -284,6 +288,7 @@ class PoolStatus:
             "busy_ids": self.busy_ids,
             "creating_ids": self.creating_ids,
             "closed": self.closed,
+            **({"usage": self.usage} if self.usage is not None else {}),
         }
 
 
@@ -324,6 +329,7 @@ class Pool:
         destroy_attempts: int = 3,
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
+        idle_timeout: float = 0.0,
         next_vm_id: Callable[[], int] | None = None,
         task_group: anyio.abc.TaskGroup | None = None,
     ) -> None:
@@ -337,6 +343,8 @@ class Pool:
         )
         if destroy_attempts < 1:
             problems.append(f"destroy_attempts must be >= 1, got {destroy_attempts!r}")
+        if not idle_timeout >= 0:
+            problems.append(f"idle_timeout must be >= 0, got {idle_timeout!r}")
         if problems:
             raise ValueError(f"pool {spec.key}: " + "; ".join(problems))
 
@@ -352,6 +360,10 @@ class Pool:
         self.destroy_attempts = destroy_attempts
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
+        #: free VMs over the warm target (min_idle) are kept this long once
+        #: idle, for the next burst (0: destroyed at once)
+        self.idle_timeout = idle_timeout
+        self._idle_wake: anyio.CancelScope | None = None
         self._next_vm_id = next_vm_id or _counter()
 
         self._slots = _Slots()
@@ -413,6 +425,11 @@ class Pool:
         return self._closing
 
     # ------------------------------------------------------------ job side
+
+    def new_vm_id(self) -> int:
+        """A VM id no other VM of this manager has (for a VM made outside
+        the pool, e.g. a job-owned one)."""
+        return self._next_vm_id()
 
     def lease(self, *, front: bool = False) -> Lease:
         """Wait for a warm VM and hold it for the ``async with`` block.
@@ -574,6 +591,8 @@ class Pool:
             w.event.set()
         if self._wake_scope is not None:
             self._wake_scope.cancel()
+        if self._idle_wake is not None:
+            self._idle_wake.cancel()
         for slot in self._slots.of(VMState.CREATING):
             self._cancel_creation(slot)
         for slot in self._slots.of(VMState.FREE):
@@ -632,6 +651,8 @@ class Pool:
             busy_ids=ids(VMState.BUSY),
             creating_ids=ids(VMState.CREATING),
             closed=self._closing,
+            idle_timeout=self.idle_timeout,
+            usage=self.driver.usage().get(self.spec.name),
         )
 
     def inventory(self) -> list[TangoMachine]:
@@ -718,7 +739,19 @@ class Pool:
         # Shrink: idle VMs over the cap or over the warm target go first
         # (the newest), then creations in flight over the cap.
         excess = slots.live() - self.max_size
+        now = time.monotonic()
         while free and (excess > 0 or len(free) > self.min_idle):
+            if excess <= 0 and self.idle_timeout > 0:
+                # over the warm target only: the VM idle longest goes once
+                # it has been idle for idle_timeout
+                oldest = _Slots.first(free)
+                assert oldest is not None
+                expires = oldest.ready_at + self.idle_timeout
+                if now < expires:
+                    self._wake_idle(expires)
+                    break
+                self._start_destroy(oldest, f"idle for {self.idle_timeout:g} s")
+                continue
             newest = _Slots.last(free)
             assert newest is not None
             self._start_destroy(newest, "pool shrunk")
@@ -737,7 +770,6 @@ class Pool:
         n = min(want, room, self.create_concurrency - creating)
         if n <= 0:
             return
-        now = time.monotonic()
         if now < self._backoff_until:
             if self._wake_scope is None:
                 self._wake_scope = anyio.CancelScope()
@@ -748,6 +780,23 @@ class Pool:
             slot.scope = anyio.CancelScope()
             slots.add(slot)
             self._creators.put(slot)
+
+    def _wake_idle(self, at: float) -> None:
+        """Rebalance at ``at`` (monotonic), when an idle VM's time is up. One
+        wake-up at a time: the VM idle longest always expires first."""
+        if self._idle_wake is not None:
+            return
+        scope = self._idle_wake = anyio.CancelScope()
+
+        async def wake() -> None:
+            try:
+                with scope:
+                    await anyio.sleep(max(0.0, at - time.monotonic()))
+            finally:
+                self._idle_wake = None
+            self._refill()
+
+        self._spawn(wake)
 
     def _cancel_creation(self, slot: _Slot) -> bool:
         """Cancel a creation in flight: its VM is destroyed once the

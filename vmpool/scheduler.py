@@ -366,6 +366,21 @@ class Scheduler:
         queued_at = time.monotonic()
         entered = False
         try:
+            if job.accessKeyId and not job.accessKey and pool.driver.job_owned_vms:
+                # a job-owned job whose key the store could not unseal
+                return _Final(Outcome.INTERNAL_ERROR,
+                              "Error: the job's accessKey was lost (the server's store key "
+                              "changed); resubmit the job")
+            if job.accessKeyId and job.accessKey and pool.driver.job_owned_vms:
+                # Tango's job-owned VM: made with the job's credentials for
+                # this try only, destroyed when the block ends
+                s = self.settings
+                owned = pool.driver.job_vm(
+                    pool.spec.machine(pool.new_vm_id()), job.accessKeyId, job.accessKey,
+                    s.initializevm_timeout + s.waitvm_timeout)
+                async with owned as vm:
+                    entered = True
+                    return await self._on_vm(h, _OwnedLease(vm), steps, overhead, queued_at)
             # The lease gives the VM back however the block ends: nothing
             # stands between taking it and the path that returns it.
             async with pool.lease(front=job.retries > 0) as lease:
@@ -382,8 +397,8 @@ class Scheduler:
             return _Final(Outcome.CANCELLED, f"Error: Job cancelled ({reason})")
 
     async def _on_vm(
-        self, h: JobHandle, lease: Lease, steps: dict[str, int | None], overhead: list[float],
-        queued_at: float,
+        self, h: JobHandle, lease: Lease | _OwnedLease, steps: dict[str, int | None],
+        overhead: list[float], queued_at: float,
     ) -> _Final:
         """One try on the VM the lease holds; sets ``lease.healthy`` when the
         VM may serve another job."""
@@ -594,6 +609,16 @@ class Scheduler:
                     await r
             except Exception:
                 log.exception("job %s:%s: on_done hook %r failed", job.name, job.id, hook)
+
+
+class _OwnedLease:
+    """A job-owned VM, held as a pool's lease is (its ``healthy`` changes
+    nothing: it is destroyed after its job)."""
+
+    def __init__(self, vm: TangoMachine) -> None:
+        self.vm = vm
+        self.healthy = False
+        self.ready_at = time.monotonic()
 
 
 def closing_trace(message: str, outcome: Outcome, failures: list[str], tries: int) -> str:

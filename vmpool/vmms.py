@@ -104,6 +104,10 @@ class VMMS(abc.ABC):
     #: the memory (MB) of a VM whose TangoMachine names none (a driver
     #: option of the drivers that have VMs with memory)
     memory_mb: int = 1024
+    #: whether :meth:`job_vm` makes VMs with a job's own credentials
+    #: (Tango's ``accessKeyId``/``accessKey``); other drivers ignore them,
+    #: as Tango's do
+    job_owned_vms: ClassVar[bool] = False
 
     def __init__(self, *, owner: str | None = None, prefix: str = "local") -> None:
         self.owner = owner or uuid.uuid4().hex[:12]
@@ -202,6 +206,14 @@ class VMMS(abc.ABC):
             with contextlib.suppress(OSError):
                 os.unlink(feedback.path)
 
+    def job_vm(self, spec: TangoMachine, access_key_id: str, access_key: str,
+               ready_timeout: float) -> contextlib.AbstractAsyncContextManager[TangoMachine]:
+        """A VM made for one job with the job's own credentials, ready to
+        run it (within ``ready_timeout`` seconds), never pooled, destroyed
+        when the block ends, whatever ends it. Only for drivers with
+        :attr:`job_owned_vms`."""
+        raise NotImplementedError(f"driver {self.driver_name} has no job-owned VMs")
+
     @abc.abstractmethod
     async def destroyVM(self, vm: TangoMachine) -> None:
         """Remove the VM (also one of another owner's, as getOrphans gave it)."""
@@ -243,6 +255,13 @@ class VMMS(abc.ABC):
         went down), run by the manager in its task group for as long as it
         runs, cancelled at close. Whatever it raises is logged, never fatal.
         The default does nothing."""
+
+    def usage(self) -> dict[str, dict[str, float]]:
+        """For a driver whose VMs cost by the hour: per pool name, the
+        instance-hours used so far (``running_hours``, ``stopped_hours``)
+        and the instances now ``running`` and ``stopped``. Empty (the
+        default) when the driver does not count them."""
+        return {}
 
     def hosts(self) -> dict[str, dict[str, Any]]:
         """For a driver whose VMs live on several hosts: per host, its state

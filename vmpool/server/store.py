@@ -57,15 +57,57 @@ class StoredJob:
     callback_pending: bool
 
 
-def job_to_json(job: TangoJob) -> str:
+class Sealer:
+    """Encrypts secrets kept in the store (a job's ``accessKey``) with a key
+    of the server's own (Fernet: AES-128-CBC + HMAC-SHA256): the database
+    alone (a backup, a copy) does not give them away. The key is
+    ``VMPOOL_STORE_KEY`` if set, else a file beside the database (0600),
+    made at first use."""
+
+    def __init__(self, key_file: Path) -> None:
+        from cryptography.fernet import Fernet
+
+        key = os.environ.get("VMPOOL_STORE_KEY", "").encode()
+        if not key:
+            try:
+                fd = os.open(key_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+            except FileExistsError:
+                key = key_file.read_bytes().strip()
+            else:
+                key = Fernet.generate_key()
+                with os.fdopen(fd, "wb") as f:
+                    f.write(key + b"\n")
+        self._fernet = Fernet(key)
+
+    def seal(self, secret: str) -> str:
+        return self._fernet.encrypt(secret.encode()).decode()
+
+    def open(self, sealed: str) -> str | None:
+        """The secret, or None if this key did not seal it."""
+        from cryptography.fernet import InvalidToken
+
+        try:
+            return self._fernet.decrypt(sealed.encode()).decode()
+        except (InvalidToken, ValueError):
+            return None
+
+
+def job_to_json(job: TangoJob, sealer: Sealer | None = None) -> str:
     d = job.to_dict()
     d["disableNetwork"] = job.disableNetwork
     d["accessKeyId"] = job.accessKeyId
+    if job.accessKey and sealer is not None:
+        # never in the clear: the store keeps it sealed, /jobs never shows it
+        d["accessKeySealed"] = sealer.seal(job.accessKey)
     return json.dumps(d)
 
 
-def job_from_json(text: str) -> TangoJob:
+def job_from_json(text: str, sealer: Sealer | None = None) -> TangoJob:
     d: dict[str, Any] = json.loads(text)
+    sealed = d.pop("accessKeySealed", None)
+    if isinstance(sealed, str) and sealer is not None:
+        # None if the key changed: the job then fails, clearly (scheduler)
+        d["accessKey"] = sealer.open(sealed)
     vm_fields = d.pop("vm") or {}
     known = TangoMachine.__dataclass_fields__
     vm = TangoMachine(**{k: v for k, v in vm_fields.items() if k in known})
@@ -85,6 +127,7 @@ class SQLiteStore:
         # owner-only: jobs hold the courses' keys, file names and outputs
         os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
         os.chmod(self.path, 0o600)
+        self._sealer = Sealer(self.path.with_name(self.path.name + ".key"))
         self._db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
         self._lock = threading.Lock()
         with self._lock:
@@ -113,7 +156,8 @@ class SQLiteStore:
                 self._db.execute(
                     "INSERT INTO jobs (id, key, courselab, state, job, output_file, created,"
                     " callback_pending) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?)",
-                    (job.id, key, courselab, job_to_json(job), job.outputFile, time.time(),
+                    (job.id, key, courselab, job_to_json(job, self._sealer), job.outputFile,
+                     time.time(),
                      int(bool(job.notifyURL))),
                 )
                 self._db.execute("COMMIT")
@@ -127,6 +171,7 @@ class SQLiteStore:
             self._db.execute(
                 "UPDATE jobs SET state='done', outcome=?, message=?, finished=?, job=?"
                 " WHERE id=?",
+                # a done job is never run again: its sealed key is dropped
                 (outcome, message, time.time(), job_to_json(job), job.id),
             )
 
@@ -160,7 +205,7 @@ class SQLiteStore:
                 f" callback_pending FROM jobs WHERE {where}"
             ).fetchall()
         return [
-            StoredJob(r[0], r[1], r[2], r[3], job_from_json(r[4]), r[5], r[6], r[7], r[8],
-                      bool(r[9]))
+            StoredJob(r[0], r[1], r[2], r[3], job_from_json(r[4], self._sealer), r[5], r[6],
+                      r[7], r[8], bool(r[9]))
             for r in rows
         ]

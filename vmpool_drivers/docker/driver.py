@@ -62,20 +62,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import logging
 import os
 import re
 import shlex
-import shutil
-import tarfile
-import tempfile
-import threading
-import time
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, ClassVar
+from typing import Any, ClassVar
 
 import aiodocker
 import anyio
@@ -94,8 +88,15 @@ from vmpool.errors import (
     VMNotReadyError,
 )
 from vmpool.models import InputFile, TangoMachine
-from vmpool.vmms import VMMS, Feedback, add_memory_line, safe_name
+from vmpool.vmms import VMMS, Feedback, safe_name
 from vmpool_drivers import liveness
+from vmpool_drivers.jobfiles import (
+    Spool,
+    SpoolDir,
+    add_memory_line_to,
+    drop_spooled,
+    send_file,
+)
 from vmpool_drivers.policy import (
     AUTODRIVER_CAPS,
     DEFAULT_DISK_QUOTA,
@@ -150,8 +151,6 @@ LABEL_PROCESS = "vmpool.process"
 #: (vmpool_drivers.ssh_docker): one host's reconciliation never touches
 #: another's containers, even on a shared engine
 LABEL_HOST = "vmpool.host"
-#: a job's input tar and feedback go through files of this many bytes a write
-SPOOL_CHUNK = 256 * KIB
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -256,10 +255,7 @@ class DockerVMMS(VMMS):
         self._mark = liveness.process_mark(self._nonce)
         #: where input tars and feedback wait between copyIn, runJob and
         #: copyOut (a private directory in it, made on first use)
-        self.spool_root = Path(spool_dir or tempfile.gettempdir())
-        self._spool: Path | None = None
-        self._spool_lock: liveness.OwnerLock | None = None
-        self._spool_guard = threading.Lock()
+        self.spool = SpoolDir(spool_dir, "vmpool-docker-")
 
     # ----------------------------------------------------------- helpers
 
@@ -272,8 +268,8 @@ class DockerVMMS(VMMS):
 
     async def close(self) -> None:
         liveness.unregister(self._nonce)
-        if self._spool is not None:
-            await anyio.to_thread.run_sync(self._remove_spool)
+        if self.spool.made:
+            await anyio.to_thread.run_sync(self.spool.remove)
         if self._docker is not None:
             docker, self._docker = self._docker, None
             await docker.close()
@@ -613,7 +609,7 @@ class DockerVMMS(VMMS):
     async def copyIn(self, vm: TangoMachine, inputFiles: Sequence[InputFile]) -> None:
         # Nothing reaches the engine here: the tar, written to a spool file
         # (the files are read now, a chunk at a time), rides on runJob's exec.
-        self._drop_spooled(vm, "input_tar")
+        drop_spooled(vm, "input_tar")
         try:
             vm.driver_data["input_tar"] = await anyio.to_thread.run_sync(
                 self._input_tar, list(inputFiles), vm.image
@@ -623,76 +619,12 @@ class DockerVMMS(VMMS):
 
     def _input_tar(self, files: list[InputFile], image: str | None = None) -> str:
         """The tar of the job's files (and the autodriver), in a spool file: its path."""
-        fd, path = tempfile.mkstemp(prefix="input-", suffix=".tar", dir=self._spool_dir())
-        try:
-            with os.fdopen(fd, "wb") as out:
-                self._write_tar(out, files, image)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            raise
-        return path
-
-    def _write_tar(self, out: BinaryIO, files: list[InputFile], image: str | None) -> None:
-        now = time.time()
-        with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            if not self.image_autodriver:
-                code = self._compiled.get(image or "")
-                name, program = (
-                    (AUTODRIVER_PYC_IN_IMAGE, code) if code else (AUTODRIVER_IN_IMAGE,
-                                                                  self._autodriver)
-                )
-                info = tarfile.TarInfo(name)
-                info.size, info.mode, info.mtime = len(program), 0o755, now
-                tar.addfile(info, io.BytesIO(program))
-            for f in files:
-                dest = f"{JOB_DIR}/{os.path.normpath(f.destFile)}"
-                with open(f.localFile, "rb") as data:
-                    size = os.fstat(data.fileno()).st_size
-                    info = tarfile.TarInfo(dest)
-                    info.size, info.mode, info.mtime = size, 0o644, now
-                    tar.addfile(info, data)  # copied in chunks, never whole
-
-    # ----------------------------------------------------------- spool files
-
-    def _spool_dir(self) -> Path:
-        """This driver's private directory (0700) for input tars and feedback,
-        made on first use (in a thread: it touches the disk). Its lock, held
-        until close, tells a later driver whether the directory is a crashed
-        process's (then removed)."""
-        with self._spool_guard:  # copyIns run in threads, several at once
-            if self._spool is None:
-                self._sweep_spool()
-                d = Path(tempfile.mkdtemp(prefix="vmpool-docker-", dir=self.spool_root))
-                lock = liveness.OwnerLock(d / ".lock")
-                lock.acquire()
-                self._spool, self._spool_lock = d, lock
-            return self._spool
-
-    def _sweep_spool(self) -> None:
-        """Remove the spool directories of drivers whose process is gone."""
-        with contextlib.suppress(OSError):
-            for d in self.spool_root.glob("vmpool-docker-*"):
-                if d.is_dir() and not d.is_symlink():
-                    with liveness.dead_owner(d / ".lock") as dead:
-                        if dead:
-                            shutil.rmtree(d, ignore_errors=True)
-
-    def _remove_spool(self) -> None:
-        d, self._spool = self._spool, None
-        if d is not None:
-            shutil.rmtree(d, ignore_errors=True)
-        if self._spool_lock is not None:
-            self._spool_lock.release()
-            self._spool_lock = None
-
-    @staticmethod
-    def _drop_spooled(vm: TangoMachine, key: str) -> None:
-        """Forget (and remove) the VM's spool file ``key``, if any."""
-        path = vm.driver_data.pop(key, None)
-        if path:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+        program: tuple[str, bytes] | None = None
+        if not self.image_autodriver:
+            code = self._compiled.get(image or "")
+            program = (AUTODRIVER_PYC_IN_IMAGE, code) if code else (AUTODRIVER_IN_IMAGE,
+                                                                     self._autodriver)
+        return self.spool.input_tar(files, JOB_DIR, program)
 
     async def runJob(
         self, vm: TangoMachine, runTimeout: float, maxOutputFileSize: int, disableNetwork: bool
@@ -752,8 +684,8 @@ class DockerVMMS(VMMS):
         cap = maxOutputFileSize + 64 * KIB if maxOutputFileSize else self.feedback_cap
         # The feedback goes to a spool file as it comes (copyOut moves it):
         # a 64 MiB flood never sits in memory.
-        feedback = _Spool(self._spool_dir() / f"feedback-{uuid.uuid4().hex}",
-                          min(cap, self.feedback_cap))
+        feedback = self.spool.feedback(f"feedback-{uuid.uuid4().hex}",
+                                       min(cap, self.feedback_cap))
         image = self._image_env.get(vm.image or "", {})
         exec_env = {**SANDBOX_ENV, "PATH": image.get("PATH") or DEFAULT_PATH}
         try:
@@ -798,7 +730,7 @@ class DockerVMMS(VMMS):
                 f"the autodriver did not run (exit {code}): {detail or 'no output'}"
             )
         if oom_killed:
-            await anyio.to_thread.run_sync(_add_memory_line_to, feedback.path, memory)
+            await anyio.to_thread.run_sync(add_memory_line_to, feedback.path, memory)
         vm.feedback = Feedback(path=feedback.path, spooled=True)
         return code
 
@@ -834,7 +766,7 @@ class DockerVMMS(VMMS):
         *,
         stdin: bytes | Path | None = None,
         out_cap: int = 64 * KIB,
-        out: _Spool | None = None,
+        out: Spool | None = None,
         env: Mapping[str, str] | None = None,
     ) -> tuple[int | None, bytes, bytes]:
         """Run ``cmd`` in the container: (exit code, stdout, stderr), capped.
@@ -849,7 +781,7 @@ class DockerVMMS(VMMS):
         stream = exe.start(detach=False)
         try:
             if isinstance(stdin, Path):
-                await _send_file(stream, stdin)
+                await send_file(stream.write_in, stdin)
             elif stdin is not None:
                 await stream.write_in(stdin)
             if stdin is not None:
@@ -886,7 +818,7 @@ class DockerVMMS(VMMS):
 
     async def destroyVM(self, vm: TangoMachine) -> None:
         # a job cut short leaves its spool files
-        self._drop_spooled(vm, "input_tar")
+        drop_spooled(vm, "input_tar")
         self.discard_feedback(vm)
         container = self._container(vm)
         try:
@@ -980,84 +912,3 @@ def _oom_kills(err: bytes) -> tuple[bytes, bool]:
         counts[0]
     )
     return head + sep, seen
-
-
-class _Spool:
-    """An exec's stdout, written to ``path`` as it comes and capped at ``cap``
-    bytes: at most one chunk of it in memory, every write in a thread."""
-
-    def __init__(self, path: Path, cap: int) -> None:
-        self.path = path
-        self.cap = cap
-        self.size = 0
-        self._buf = bytearray()
-        self._file: BinaryIO | None = None
-
-    async def write(self, data: bytes) -> None:
-        room = self.cap - self.size
-        if room <= 0:
-            return  # past the cap: read (the exec must not block) and dropped
-        chunk = data[:room]
-        self._buf += chunk
-        self.size += len(chunk)
-        if len(self._buf) >= SPOOL_CHUNK:
-            buf, self._buf = self._buf, bytearray()
-            await anyio.to_thread.run_sync(self._write, buf)
-
-    async def finish(self) -> None:
-        """Write what is left and close the file (made even when empty)."""
-        buf, self._buf = self._buf, bytearray()
-        await anyio.to_thread.run_sync(self._finish, buf)
-
-    def _write(self, buf: bytes | bytearray) -> None:
-        if self._file is None:
-            # created here, owner-only (the spool directory is, too)
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            self._file = os.fdopen(fd, "wb")
-        self._file.write(buf)
-
-    def _finish(self, buf: bytes | bytearray) -> None:
-        self._write(buf)
-        assert self._file is not None
-        self._file.close()
-        self._file = None
-
-    def discard(self) -> None:
-        """Close and remove the file (a job cut short or failed)."""
-        self._buf = bytearray()
-        if self._file is not None:
-            with contextlib.suppress(OSError):
-                self._file.close()
-            self._file = None
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
-
-
-async def _send_file(stream: Any, path: Path) -> None:
-    """Write the file at ``path`` into an exec's stdin, a chunk at a time
-    (each write waits until the engine has taken the one before)."""
-    f = await anyio.to_thread.run_sync(open, path, "rb")
-    try:
-        while True:
-            chunk = await anyio.to_thread.run_sync(f.read, SPOOL_CHUNK)
-            if chunk:
-                await stream.write_in(chunk)
-            if len(chunk) < SPOOL_CHUNK:
-                return
-    finally:
-        f.close()
-
-
-def _add_memory_line_to(path: Path, memory: int) -> None:
-    """:func:`add_memory_line` for a feedback file: its head is rewritten,
-    the rest copied after it."""
-    with open(path, "rb") as f:
-        head = f.read(64 * KIB)
-        new = add_memory_line(head, memory)
-        if new == head:
-            return
-        tmp = path.with_name(path.name + ".m")
-        with open(tmp, "wb") as out:
-            out.write(new)
-            shutil.copyfileobj(f, out, SPOOL_CHUNK)
-    os.replace(tmp, path)
