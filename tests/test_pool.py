@@ -302,3 +302,29 @@ async def test_max_size_caps_live_vms_when_destroying_is_slow() -> None:
                     tg.start_soon(job)
     assert sim.peak <= 2, f"{sim.peak} VMs alive at once with max_size=2"
     assert sim.calls["initializeVM"] >= 30 and sim.live == {}
+
+
+async def test_idle_timeout_keeps_extra_vms_then_shrinks_to_min_idle() -> None:
+    # A burst of 3 jobs grew the pool past its warm size (1); with
+    # idle_timeout the extra VMs stay warm for the next burst, and only
+    # after the timeout does the pool shrink back to min_idle. Without it
+    # (idle_timeout=0) the extras go at once.
+    for idle_timeout in (0.4, 0.0):
+        sim = SimVMMS()
+        async with make_pool(sim, min_idle=1, max_size=4, reuse=True,
+                             idle_timeout=idle_timeout) as pool:
+            async with AsyncExitStack() as stack:
+                leases = [await stack.enter_async_context(pool.lease()) for _ in range(3)]
+                for lease in leases:
+                    lease.healthy = True
+            st = pool.status()
+            if idle_timeout:
+                # the 3 back from their jobs and the warm one made meanwhile:
+                # kept for the next burst
+                assert st.free == 4 and st.destroying == 0, st
+                assert st.to_dict()["idle_timeout"] == idle_timeout
+                with anyio.fail_after(5):
+                    st = await pool.wait_until(lambda s: s.free == 1 and s.destroying == 0)
+                assert st.total == 1 and len(sim.live) == 1
+            else:
+                assert st.free == 1, st  # shrunk at once

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -321,3 +323,45 @@ async def test_tangos_ulimit_settings_reach_the_driver(tmp_path: Path) -> None:
         drv = await mgr.driver("local")
     assert drv.fsize == 5 * MIB  # type: ignore[attr-defined]
     assert drv.nproc == 50  # type: ignore[attr-defined]  (the driver's own option wins)
+
+
+# --------------------------------------------------------------------------
+# a job-owned job's accessKey: kept for a rerun, sealed at rest
+
+
+def test_access_key_is_kept_sealed_for_a_rerun_and_dropped_when_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("VMPOOL_STORE_KEY", raising=False)
+    db = tmp_path / "jobs.sqlite"
+    store = SQLiteStore(db)
+    job = stored_job(tmp_path, "owned", "owned.out")
+    job.accessKeyId, job.accessKey = "AKIAEXAMPLE", "the-secret-key-1234"
+    store.add(job, "test", "lab")
+    store.close()
+    raw = b"".join(p.read_bytes() for p in tmp_path.glob("jobs.sqlite*") if p.suffix != ".key")
+    assert b"the-secret-key-1234" not in raw and b"AKIAEXAMPLE" in raw
+    assert oct((tmp_path / "jobs.sqlite.key").stat().st_mode & 0o777) == "0o600"
+    store = SQLiteStore(db)  # a restart: the rerun has the key
+    (again,) = store.unfinished()
+    assert again.job.accessKey == "the-secret-key-1234"
+    assert "accessKey" not in json.dumps(again.job.to_dict())  # never in /jobs
+    store.finish(again.job, "success", "done")
+    store.close()
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        (row,) = conn.execute("SELECT job FROM jobs").fetchone()
+    assert "accessKeySealed" not in row  # a done job's is dropped
+    # another store key cannot open it: the key is None (the job then fails clearly)
+    store = SQLiteStore(tmp_path / "other.sqlite")
+    job2 = stored_job(tmp_path, "owned2", "owned2.out")
+    job2.accessKeyId, job2.accessKey = "AKIAEXAMPLE", "secret-2"
+    store.add(job2, "test", "lab")
+    store.close()
+    (tmp_path / "other.sqlite.key").write_bytes(
+        (tmp_path / "jobs.sqlite.key").read_bytes())
+    store = SQLiteStore(tmp_path / "other.sqlite")
+    try:
+        (lost,) = store.unfinished()
+        assert lost.job.accessKeyId == "AKIAEXAMPLE" and lost.job.accessKey is None
+    finally:
+        store.close()

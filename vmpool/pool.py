@@ -488,7 +488,10 @@ class Pool:
             and self.reuse
             and not self._closing
             and self._slots.live() <= self.max_size
-            and (bool(self._waiters) or len(self._slots.free) < self.min_idle)
+            # wanted: a job waits, the warm target is short, or idle VMs
+            # over it are kept for a while (idle_timeout)
+            and (bool(self._waiters) or len(self._slots.free) < self.min_idle
+                 or self.idle_timeout > 0)
         )
         if keep:
             self._make_available(slot)
