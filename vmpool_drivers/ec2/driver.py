@@ -320,6 +320,12 @@ class EC2VMMS(VMMS):
         }
         if key_id is not None:
             kwargs.update(aws_access_key_id=key_id, aws_secret_access_key=secret)
+        regions = session.get_available_regions("ec2")
+        if self.region is not None and regions and self.region not in regions:
+            # (a typo would otherwise be a connection error per call, or a
+            # compatible endpoint's odd answer)
+            raise InitializeVMError(f"EC2: unknown region {self.region!r} (known: "
+                                    f"{', '.join(sorted(regions))})")
         try:
             return await stack.enter_async_context(session.create_client("ec2", **kwargs))
         except BotoCoreError as e:  # no region, a profile that does not exist, ...
@@ -382,7 +388,7 @@ class EC2VMMS(VMMS):
         amis = sorted(set(self.images.values()))
         try:
             found = await client.describe_images(ImageIds=amis)
-        except (ClientError, BotoCoreError) as e:
+        except Exception as e:  # botocore's parser errors are bare Exceptions
             if _code(e).startswith("InvalidAMIID"):
                 raise InitializeVMError(
                     f"EC2: an AMI of {self.images} does not exist in {self._where()}: "
@@ -429,7 +435,7 @@ class EC2VMMS(VMMS):
         self._charge(rec, now)
         rec.state, rec.pool = state, pool
         if vm is not None:
-            rec.vm = vm
+            rec.vm, rec.interrupted = vm, None
 
     def _charge(self, rec: _Instance, now: float) -> None:
         use = self._usage.setdefault(rec.pool, _Usage())
@@ -746,6 +752,18 @@ class EC2VMMS(VMMS):
             with contextlib.suppress(OSError):
                 os.unlink(tar)
 
+    async def _why_lost(self, vm: TangoMachine) -> str:
+        """Why an instance's connection went: " (spot instance ... was
+        interrupted ...)" if EC2 stopped or terminated it, else ""."""
+        iid = vm.driver_data.get("iid", "")
+        rec = self._instances.get(iid)
+        if rec is not None and rec.interrupted is None and self._client is not None:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(10), \
+                    contextlib.suppress(Exception):
+                inst = await self._describe(self._client, iid)
+                self.check_states({iid: inst} if inst else {}, {iid: rec})
+        return self._interruption(iid)
+
     def _interruption(self, iid: str) -> str:
         rec = self._instances.get(iid)
         return f" ({rec.interrupted})" if rec is not None and rec.interrupted else ""
@@ -805,14 +823,15 @@ class EC2VMMS(VMMS):
             if isinstance(e, (OSError, asyncssh.Error)) or (
                     isinstance(e, BaseExceptionGroup)
                     and e.subgroup((OSError, asyncssh.Error)) is not None):
+                why = await self._why_lost(vm)
                 raise RunJobError(f"instance {iid}: SSH connection lost during the job"
-                                  f"{self._interruption(iid)}: {e}") from None
+                                  f"{why}: {e}") from None
             raise
         if code is None or process.exit_signal is not None:
             feedback.discard()
             why = process.exit_signal[0] if process.exit_signal else "no exit status"
             raise RunJobError(f"instance {iid}: the job's channel ended without an exit code "
-                              f"({why}): the connection was lost{self._interruption(iid)}")
+                              f"({why}): the connection was lost{await self._why_lost(vm)}")
         if code == KILLED and hard and not feedback.size:
             text = (f"Autodriver: Job timed out after {format_seconds(runTimeout)} seconds\n"
                     "Autodriver: the autodriver did not stop it and was killed at the VM's "
@@ -980,6 +999,7 @@ class EC2VMMS(VMMS):
             conn = self._conns.pop(iid, None)
             if conn is not None:
                 conn.close()
+            self._instances[iid].vm = None  # (its stopping is no interruption)
             await client.stop_instances(InstanceIds=[iid])
             with anyio.fail_after(600):
                 await self._wait_state(client, iid, "stopped")
