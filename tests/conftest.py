@@ -13,6 +13,7 @@ import pytest
 
 from vmpool import Settings, TangoJob, make_job
 
+from .ec2_world import EC2World, MotoServer
 from .sshd import SSHD, SSHHosts, share_docker_socket
 
 CTIME = r"[A-Z][a-z]{2} [A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d \d{4}"
@@ -125,3 +126,29 @@ def ssh_hosts(docker_host: str) -> Iterator[SSHHosts]:
             print(f"--- sshd {h.name}", *h.log, sep="\n")
     hosts.stop()
     shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[MotoServer]:
+    """moto in server mode on 127.0.0.1: the EC2 endpoint of the EC2
+    driver's tests (reset after each test by ``ec2_world``)."""
+    try:
+        server = MotoServer()
+    except Exception as e:
+        pytest.fail(f"moto's server did not start: {e}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def ec2_world(moto_server: MotoServer, docker_host: str) -> Iterator[EC2World]:
+    """Each moto instance a machine of its own on 127.0.0.1 (a container of
+    the grading image running a real sshd, tests/ec2_world.py)."""
+    root = Path(tempfile.mkdtemp(prefix="vmpool-ec2-world-"))
+    world = EC2World.create(moto_server, docker_host, root)
+    try:
+        yield world
+    finally:
+        world.close()
+        moto_server.reset()
+        shutil.rmtree(root, ignore_errors=True)

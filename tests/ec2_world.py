@@ -856,3 +856,20 @@ class FaultProxy:
         h.end_headers()
         if not head:
             h.wfile.write(data)
+
+
+def driver_options(world: EC2World, ami: str, *, url: str | None = None,
+                   image: str = "grader", **extra: Any) -> dict[str, Any]:
+    """The EC2 driver's options for ``world``: moto (or ``url``, a proxy in
+    front of it) as the endpoint, ``image`` -> ``ami``, the world's resolver
+    and client key, root logins."""
+    options: dict[str, Any] = {
+        "endpoint_url": world.moto.url, "region": REGION, "access_key_id": ACCESS_KEY,
+        "secret_access_key": SECRET_KEY, "images": {image: ami}, "resolver": world.resolve,
+        "key_file": str(world.key_file), "ssh_user": "root", "poll_interval": 0.1,
+        "connect_timeout": 5.0, "monitor_interval": 0.5, "instance_type": "t3.micro",
+    }
+    if url is not None:
+        options["endpoint_url"] = url
+    options.update(extra)
+    return options

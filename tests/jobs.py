@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import inspect
 import os
 import threading
 from collections import Counter
@@ -215,3 +216,17 @@ class CallbackReceiver:
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join(timeout=10)
+
+
+async def until(predicate: Any, limit: float = 20) -> None:
+    """Wait until ``predicate()`` (a function, or a coroutine function) is
+    true: a condition of another task's or process's state, polled, bounded
+    by ``limit`` seconds."""
+    with anyio.fail_after(limit):
+        while True:
+            got = predicate()
+            if inspect.isawaitable(got):
+                got = await got
+            if got:
+                return
+            await anyio.sleep(0.02)  # ok-sleep: bounded wait for another task's effect

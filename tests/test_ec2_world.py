@@ -13,7 +13,7 @@ from typing import Any
 import anyio
 import asyncssh
 import pytest
-import yaml
+import yaml  # type: ignore[import-untyped]
 from botocore.exceptions import ClientError
 
 from .ec2_world import EC2World, FaultProxy, MotoServer
@@ -47,7 +47,7 @@ def host_key() -> tuple[str, str]:
 
 def user_data(private: str, public: str) -> str:
     keys = {"ssh_keys": {"ed25519_private": private, "ed25519_public": public}}
-    return "#cloud-config\n" + yaml.safe_dump(keys)
+    return "#cloud-config\n" + str(yaml.safe_dump(keys))
 
 
 def run(moto: MotoServer, n: int = 1, data: str | None = None) -> list[dict[str, Any]]:

@@ -30,6 +30,7 @@ from vmpool.server.labs import lab_md5s
 from vmpool.server.store import SQLiteStore
 
 from .conftest import autograder_re
+from .jobs import until
 from .test_server import (
     MAKEFILE,
     _running,
@@ -71,12 +72,6 @@ async def callback_catcher() -> AsyncIterator[tuple[str, list[tuple[str, bytes]]
     app.router.add_post("/cb", catch)
     async with local_app(app) as port:
         yield f"http://127.0.0.1:{port}/cb", got
-
-
-async def until(predicate: Any, limit: float = 20) -> None:
-    with anyio.fail_after(limit):
-        while not predicate():  # noqa: ASYNC110 - a condition of another task's state
-            await anyio.sleep(0.02)  # ok-sleep: bounded wait for another task's effect
 
 
 def stored_job(tmp: Path, name: str, output: str, **vm: Any) -> TangoJob:

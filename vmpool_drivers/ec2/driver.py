@@ -320,13 +320,13 @@ class EC2VMMS(VMMS):
         }
         if key_id is not None:
             kwargs.update(aws_access_key_id=key_id, aws_secret_access_key=secret)
-        regions = session.get_available_regions("ec2")
-        if self.region is not None and regions and self.region not in regions:
-            # (a typo would otherwise be a connection error per call, or a
-            # compatible endpoint's odd answer)
-            raise InitializeVMError(f"EC2: unknown region {self.region!r} (known: "
-                                    f"{', '.join(sorted(regions))})")
         try:
+            regions = await session.get_available_regions("ec2")
+            if self.region is not None and regions and self.region not in regions:
+                # (a typo would otherwise be a connection error per call, or a
+                # compatible endpoint's odd answer)
+                raise InitializeVMError(f"EC2: unknown region {self.region!r} (known: "
+                                        f"{', '.join(sorted(regions))})")
             return await stack.enter_async_context(session.create_client("ec2", **kwargs))
         except BotoCoreError as e:  # no region, a profile that does not exist, ...
             raise InitializeVMError(f"EC2: {e}") from e
