@@ -354,9 +354,10 @@ class EC2VMMS(VMMS):
         return f"EC2 {doing} ({self._where()}): {type(e).__name__}: {e}"
 
     async def close(self) -> None:
-        # Every instance this driver still knows goes (a stopped warm one
-        # too): close() leaves nothing running, nothing paid for.
-        leftovers = list(self._instances)
+        # The stopped warm stock is the driver's own (no pool holds it): it
+        # goes. A pool's instances are the pool's to destroy (a driver
+        # closed under them is a crash, and the next reconciliation's).
+        leftovers = [iid for stock in self._stock.values() for iid in stock]
         if leftovers and self._client is not None:
             with anyio.CancelScope(shield=True), anyio.move_on_after(60):
                 try:
@@ -1003,14 +1004,17 @@ class EC2VMMS(VMMS):
             await client.stop_instances(InstanceIds=[iid])
             with anyio.fail_after(600):
                 await self._wait_state(client, iid, "stopped")
-        except Exception as e:
+        except BaseException as e:
+            # failed, or cancelled (the manager closing): nothing half-made stays
             results.append(False)
-            log.warning("ec2: making a stopped warm instance of pool %s failed: %s", pool, e)
             if iid:
-                with anyio.CancelScope(shield=True), contextlib.suppress(
-                        ClientError, BotoCoreError):
+                with anyio.CancelScope(shield=True), anyio.move_on_after(60), \
+                        contextlib.suppress(ClientError, BotoCoreError):
                     await client.terminate_instances(InstanceIds=[iid])
                 self._gone(iid)
+            if not isinstance(e, Exception):
+                raise
+            log.warning("ec2: making a stopped warm instance of pool %s failed: %s", pool, e)
             return
         self._record(iid, pool, "stopped")
         self._stock.setdefault(pool, {})[iid] = public
