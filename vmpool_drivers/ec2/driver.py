@@ -873,6 +873,9 @@ class EC2VMMS(VMMS):
         conn = self._conns.pop(iid, None)
         if conn is not None:
             conn.close()
+        rec = self._instances.get(iid)
+        if rec is not None:
+            rec.vm = None  # its end is ours, not an interruption (see _watch)
         client = vm.driver_data.get("client") or await self._ec2()
         try:
             await client.terminate_instances(InstanceIds=[iid])
