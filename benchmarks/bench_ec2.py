@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import anyio
 import asyncssh
 from common import latency_row, run_and_report
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -97,3 +98,22 @@ def test_bad_input_gets_a_clear_error(env: dict[str, str], tmp_path: Path) -> No
     assert p.returncode == 2 and "no driver named 'nope'" in p.stderr
     p = vmpool(env, "run", str(EXAMPLES / "hello"), "--image", "nope.img")
     assert p.returncode == 2 and "unknown image 'nope.img'" in p.stderr
+
+
+def test_a_server_that_cannot_start_says_why_and_exits_1(env: dict[str, str],
+                                                         tmp_path: Path) -> None:
+    # The port is taken: one line naming it and status 1 (the error was once
+    # swallowed at shutdown, and the server exited 0 saying nothing).
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "vmpool.toml"
+        config.write_text(f'[server]\nport = {port}\nkeys = ["k"]\n'
+                          f'courselabs = "{tmp_path / "labs"}"\n'
+                          f'database = "{tmp_path / "jobs.sqlite"}"\n'
+                          '[vmpool]\ndefault_vmms = "sim"\n')
+        p = vmpool(env, "serve", "--config", str(config), timeout=60)
+    assert p.returncode == 1, p.stderr
+    assert "address already in use" in p.stderr and str(port) in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr

@@ -14,6 +14,7 @@ credential, region or AMI.
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -404,3 +405,37 @@ def test_the_user_data_installs_the_generated_host_key() -> None:
     private = asyncssh.import_private_key(data["ssh_keys"]["ed25519_private"])
     assert private.export_public_key() == key.export_public_key()
     assert data["ssh_keys"]["ed25519_public"] == key.export_public_key().decode().strip()
+
+
+async def test_a_server_with_a_wrong_ami_does_not_start(
+        ec2_world: EC2World, moto_server: MotoServer, tmp_path: Path) -> None:
+    # `vmpool serve` checks the EC2 driver (credentials, region, AMIs) when
+    # it starts: one clear line and exit status 1, not a server whose every
+    # job fails later
+    config = tmp_path / "vmpool.toml"
+    config.write_text(f"""
+[server]
+port = 0
+keys = ["k"]
+courselabs = "{tmp_path / 'labs'}"
+database = "{tmp_path / 'jobs.sqlite'}"
+
+[vmpool]
+default_vmms = "ec2"
+pool_size = 0
+
+[drivers.ec2]
+endpoint_url = "{moto_server.url}"
+region = "us-east-1"
+access_key_id = "testing"
+secret_access_key = "testing"
+images = {{ grader = "ami-0000000000badbad0" }}
+""")
+    vmpool = Path(sys.executable).with_name("vmpool")
+    with anyio.fail_after(60):
+        done = await anyio.run_process([str(vmpool), "serve", "--config", str(config)],
+                                       check=False, stdin=subprocess.DEVNULL)
+    err = done.stderr.decode()
+    assert done.returncode == 1, err
+    assert "ami-0000000000badbad0" in err and "not found" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err

@@ -294,10 +294,24 @@ def run_server(args: argparse.Namespace) -> int:
 
     try:
         anyio.run(main)
-    except VMPoolError as e:
+    except (VMPoolError, OSError) as e:  # a driver's check, the port taken, ...
         print(f"vmpool serve: {e}", file=sys.stderr)
         return 1
+    except BaseExceptionGroup as group:
+        matched, rest = group.split((VMPoolError, OSError))
+        if matched is None or rest is not None:
+            raise
+        for leaf in _leaves(matched):
+            print(f"vmpool serve: {leaf}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for e in group.exceptions:
+        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:

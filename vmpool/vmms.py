@@ -108,6 +108,10 @@ class VMMS(abc.ABC):
     #: (Tango's ``accessKeyId``/``accessKey``); other drivers ignore them,
     #: as Tango's do
     job_owned_vms: ClassVar[bool] = False
+    #: a server loads this driver when it starts and does not start if
+    #: ``getImages`` fails (a wrong credential, region or image is a
+    #: configuration error, named once, not a pool that retries in silence)
+    checked_at_start: ClassVar[bool] = False
 
     def __init__(self, *, owner: str | None = None, prefix: str = "local") -> None:
         self.owner = owner or uuid.uuid4().hex[:12]

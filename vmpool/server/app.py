@@ -16,6 +16,7 @@ import anyio.to_thread
 from aiohttp import web
 
 from ..manager import new_owner
+from ..registry import driver_factory
 from ..vmms import safe_name
 from .config import ServerConfig
 from .recovery import recover
@@ -33,10 +34,14 @@ async def running(config: ServerConfig) -> AsyncIterator[TangoServer]:
     server: TangoServer | None = None
     try:
         server = TangoServer(config, store, owner=server_owner(config))
+        # The task group is innermost: cancelling it at the end must not
+        # cancel the session's close (an await in a cancelled scope), whose
+        # CancelledError would take the place of the body's own exception
+        # and be swallowed by the group: a failed start would exit quietly.
         async with (
             server.manager,
-            anyio.create_task_group() as tg,
             aiohttp.ClientSession() as http,
+            anyio.create_task_group() as tg,
         ):
             server.start(tg, http)
             try:
@@ -83,6 +88,12 @@ async def serve(
 ) -> None:
     """Run the server until ``stop`` is set (or forever); ``ready(port)`` once listening."""
     async with running(config) as server:
+        # Drivers whose configuration can be wrong in ways only their service
+        # can tell (credentials, region, images) are checked now: the server
+        # does not start, saying why, rather than fail every job later.
+        for name in config.settings.driver_options:
+            if getattr(driver_factory(name), "checked_at_start", False):
+                await server.manager.driver(name)
         # Recover before listening: a job added meanwhile would be found
         # unfinished in the store and submitted a second time.
         rerun, complete = await recover(server)

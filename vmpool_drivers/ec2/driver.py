@@ -184,6 +184,7 @@ class _Instance:
 class EC2VMMS(VMMS):
     driver_name: ClassVar[str] = "ec2"
     job_owned_vms: ClassVar[bool] = True
+    checked_at_start: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -390,10 +391,11 @@ class EC2VMMS(VMMS):
         try:
             found = await client.describe_images(ImageIds=amis)
         except Exception as e:  # botocore's parser errors are bare Exceptions
-            if _code(e).startswith("InvalidAMIID"):
+            if _code(e).startswith("InvalidAMIID") and isinstance(e, ClientError):
+                images = ", ".join(f"{k}={v}" for k, v in self.images.items())
                 raise InitializeVMError(
-                    f"EC2: an AMI of {self.images} does not exist in {self._where()}: "
-                    f"{self._explain(e, 'describing the AMIs')}") from e
+                    f"EC2: AMIs not found in {self._where()} (images: {images}): "
+                    f"{e.response.get('Error', {}).get('Message', '')}") from e
             raise InitializeVMError(self._explain(e, "describing the AMIs")) from e
         have = {img["ImageId"] for img in found.get("Images", [])}
         missing = [f"{name} ({ami})" for name, ami in self.images.items() if ami not in have]
