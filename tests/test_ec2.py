@@ -231,10 +231,14 @@ async def test_sixteen_instances_at_once(ec2_world: EC2World, moto_server: MotoS
 async def test_a_stopped_warm_instance_is_started_and_used(
         ec2_world: EC2World, moto_server: MotoServer, tmp_path: Path) -> None:
     ami = moto_server.register_ami("grader")
+    other = moto_server.register_ami("other")
+    # two pools with a stock each: taking one's instance restocks that one
     async with manager(ec2_world, ami, settings={"pool_size": 0, "pool_max_size": 2},
-                       stopped_warm={IMAGE: 1}) as (mgr, drv):
+                       images={IMAGE: ami, "other": other},
+                       stopped_warm={IMAGE: 1, "other": 1}) as (mgr, drv):
         await mgr.ensure_pool(IMAGE)
-        await until(lambda: len(drv._stock.get(IMAGE, {})) == 1, 60)
+        await until(lambda: len(drv._stock.get(IMAGE, {})) == 1
+                    and len(drv._stock.get("other", {})) == 1, 60)
         (stopped,) = drv._stock[IMAGE]
         assert states(moto_server)[stopped] == "stopped"
         assert drv.usage()[IMAGE]["stopped"] == 1
@@ -243,12 +247,28 @@ async def test_a_stopped_warm_instance_is_started_and_used(
         assert drv.counters["start_instances"] == 1
         # the job ran on the instance that was stopped (started for it)
         assert h.vm is not None and h.vm.instance_id == stopped
-        # and the stock is made again
+        # and the stock is made again (the other pool's is left as it was)
         await until(lambda: len(drv._stock.get(IMAGE, {})) == 1, 60)
         assert next(iter(drv._stock[IMAGE])) != stopped
+        assert len(drv._stock["other"]) == 1
         use = drv.usage()[IMAGE]
         assert use["stopped_hours"] > 0 and use["running_hours"] > 0
     assert set(states(moto_server).values()) == {"terminated"}
+
+
+async def test_a_job_past_the_remote_hard_deadline_is_a_timeout(
+        ec2_world: EC2World, moto_server: MotoServer, tmp_path: Path) -> None:
+    # The VM's own deadline (timeout -s KILL) stops an autodriver that did
+    # not stop the job: a timeout of the job (exit 2, said so), not a lost
+    # connection. (The deadline is moved before the autodriver's own to
+    # make it fire: an autodriver that hangs cannot be made on purpose.)
+    ami = moto_server.register_ami("grader")
+    async with manager(ec2_world, ami, settings={"pool_size": 1}) as (mgr, drv):
+        drv.hard_deadline_grace = -2.0
+        h = await mgr.run(job(tmp_path, "hard", SLOW, timeout=4))
+    assert h.result is not None and h.result.outcome is Outcome.TIMEOUT, output(h.job)
+    text = output(h.job)
+    assert "killed at the VM's hard deadline (2 s)" in text and "Try 1" not in text, text
 
 
 # --------------------------------------------------------------------------

@@ -133,6 +133,11 @@ CAPACITY_CODES = frozenset({
 SPOT_MARKET = {"MarketType": "spot", "SpotOptions": {
     "SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"}}
 
+#: seconds after a VM is adopted before the watch may call it interrupted
+WATCH_GRACE = 30.0
+#: the most one run_instances may take (botocore's retries included)
+RUN_LIMIT = 300.0
+
 Resolver = Callable[[dict[str, Any]], Awaitable[tuple[str, int]]]
 
 
@@ -179,6 +184,11 @@ class _Instance:
     spot: bool = False
     vm: TangoMachine | None = None
     interrupted: str | None = None
+    #: "pool", "stopped-warm" (the driver's own stock) or "job"
+    role: str = "pool"
+    #: monotonic time it was (re)adopted as a VM: the watch gives EC2's
+    #: eventually consistent listings a grace period after it
+    adopted: float = 0.0
 
 
 class EC2VMMS(VMMS):
@@ -295,10 +305,12 @@ class EC2VMMS(VMMS):
         self._instances: dict[str, _Instance] = {}
         #: run_instances calls in flight (they count against max_instances)
         self._launching = 0
-        #: pool name -> stopped warm instances ready to start (id -> host key)
-        self._stock: dict[str, dict[str, str]] = {}
+        #: pool name -> stopped warm instances ready to start (id -> (host
+        #: key, instance type))
+        self._stock: dict[str, dict[str, tuple[str, str]]] = {}
         self._stocking: dict[str, int] = {}
-        self._stock_changed = anyio.Event()
+        #: each stock keeper's wake-up (an instance taken, room freed)
+        self._stock_events: dict[str, anyio.Event] = {}
         self._usage: dict[str, _Usage] = {}
         #: counters for status and tests
         self.counters: dict[str, int] = {
@@ -358,16 +370,11 @@ class EC2VMMS(VMMS):
         # The stopped warm stock is the driver's own (no pool holds it): it
         # goes. A pool's instances are the pool's to destroy (a driver
         # closed under them is a crash, and the next reconciliation's).
-        leftovers = [iid for stock in self._stock.values() for iid in stock]
+        # (also those still being made: the background work that made them
+        # was cancelled just before)
+        leftovers = [iid for iid, rec in self._instances.items() if rec.role == "stopped-warm"]
         if leftovers and self._client is not None:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(60):
-                try:
-                    await self._client.terminate_instances(InstanceIds=leftovers)
-                except (ClientError, BotoCoreError) as e:
-                    log.error("ec2: terminating %d instances at close: %s", len(leftovers), e)
-                else:
-                    for iid in leftovers:
-                        self._gone(iid)
+            await self._terminate(self._client, leftovers, "the driver closing")
         for conn in list(self._conns.values()):
             conn.close()
         self._conns.clear()
@@ -429,16 +436,20 @@ class EC2VMMS(VMMS):
     # ----------------------------------------------------------- usage
 
     def _record(self, iid: str, pool: str, state: str, *, spot: bool = False,
-                vm: TangoMachine | None = None) -> None:
+                vm: TangoMachine | None = None, role: str | None = None) -> None:
         now = time.monotonic()
         rec = self._instances.get(iid)
         if rec is None:
-            self._instances[iid] = _Instance(iid, pool, state, now, spot, vm)
-            return
-        self._charge(rec, now)
-        rec.state, rec.pool = state, pool
+            rec = self._instances[iid] = _Instance(iid, pool, state, now, spot, vm)
+        else:
+            self._charge(rec, now)
+            rec.state, rec.pool = state, pool
+            if vm is not None:
+                rec.vm, rec.interrupted = vm, None
         if vm is not None:
-            rec.vm, rec.interrupted = vm, None
+            rec.adopted = now
+        if role is not None:
+            rec.role = role
 
     def _charge(self, rec: _Instance, now: float) -> None:
         use = self._usage.setdefault(rec.pool, _Usage())
@@ -449,6 +460,7 @@ class EC2VMMS(VMMS):
         rec.since = now
 
     def _gone(self, iid: str) -> None:
+        """Forget an instance EC2 has agreed to terminate."""
         rec = self._instances.pop(iid, None)
         if rec is not None:
             self._charge(rec, time.monotonic())
@@ -458,6 +470,40 @@ class EC2VMMS(VMMS):
         conn = self._conns.pop(iid, None)
         if conn is not None:
             conn.close()
+        self._wake_stock()
+
+    def _wake_stock(self) -> None:
+        """Wake every stock keeper: an instance was taken, or room freed."""
+        for event in self._stock_events.values():
+            event.set()
+
+    async def _terminate(self, client: Any, iids: list[str], why: str) -> bool:
+        """Terminate ``iids`` (shielded, bounded, retried); forget them once
+        EC2 agreed. False (each one logged) if it never did: they stay
+        known, and tagged for the next reconciliation."""
+        problem = "no answer in 60 s"
+        with anyio.CancelScope(shield=True), anyio.move_on_after(60):
+            for attempt in range(3):
+                try:
+                    await client.terminate_instances(InstanceIds=iids)
+                except ClientError as e:
+                    if _code(e).startswith("InvalidInstanceID"):
+                        break  # never made, or gone
+                    problem = self._explain(e, "terminate_instances")
+                except Exception as e:  # botocore's bare parser errors too
+                    problem = f"{type(e).__name__}: {e}"
+                else:
+                    break
+                await anyio.sleep(min(10.0, self.poll_interval * 4 ** attempt))
+            else:
+                log.error("ec2: instances %s not terminated (%s): %s", ", ".join(iids), why,
+                          problem)
+                return False
+            for iid in iids:
+                self._gone(iid)
+            return True
+        log.error("ec2: instances %s not terminated (%s): %s", ", ".join(iids), why, problem)
+        return False
 
     def usage(self) -> dict[str, dict[str, float]]:
         """Instance-hours used so far per pool, running and stopped apart
@@ -532,11 +578,14 @@ class EC2VMMS(VMMS):
         # the next reconciliation, but not before). Bounded; the client token
         # makes botocore's own retries idempotent.
         self.counters["run_instances"] += 1
+        token = uuid.uuid4().hex
         try:
-            with anyio.CancelScope(shield=True), anyio.fail_after(120):
-                answer = await client.run_instances(ClientToken=uuid.uuid4().hex, **params)
+            with anyio.CancelScope(shield=True), anyio.fail_after(RUN_LIMIT):
+                answer = await client.run_instances(ClientToken=token, **params)
         except TimeoutError:
-            raise InitializeVMError(f"EC2 run_instances: no answer in 120 s "
+            # EC2 may have made it all the same: whatever has this token goes
+            await self._terminate_token(client, token)
+            raise InitializeVMError(f"EC2 run_instances: no answer in {RUN_LIMIT:g} s "
                                     f"({self._where()})") from None
         except (ClientError, BotoCoreError) as e:
             code = _code(e)
@@ -550,8 +599,22 @@ class EC2VMMS(VMMS):
                     f"{e.response.get('Error', {}).get('Message', '')}"
                 ) from e
             raise InitializeVMError(self._explain(e, what)) from e
+        except Exception as e:  # botocore's bare parser errors
+            raise InitializeVMError(self._explain(e, "run_instances")) from e
         inst = answer["Instances"][0]
         return str(inst["InstanceId"]), public, spot
+
+    async def _terminate_token(self, client: Any, token: str) -> None:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(60):
+            try:
+                found = await self._list(client, [{"Name": "client-token", "Values": [token]}])
+            except Exception as e:
+                log.error("ec2: a run_instances that timed out (client token %s) may have "
+                          "made an instance, and listing it failed: %s", token, e)
+                return
+            iids = [str(i["InstanceId"]) for i in found]
+            if iids:
+                await self._terminate(client, iids, "its run_instances timed out")
 
     async def initializeVM(self, vm: TangoMachine) -> None:
         if not vm.image:
@@ -560,10 +623,11 @@ class EC2VMMS(VMMS):
         self.instance_type_for(vm)
         liveness.register(self._nonce)  # (again, for a driver used after close)
         client = await self._ec2()
-        stock = self._stock.get(vm.name)
-        while stock:
-            iid, public = stock.popitem()
-            self._stock_changed.set()
+        itype = self.instance_type_for(vm)
+        stock = self._stock.get(vm.name, {})
+        while (iid := next((i for i, (_, t) in stock.items() if t == itype), None)):
+            public, _ = stock.pop(iid)
+            self._wake_stock()
             if await self._start_stopped(client, vm, iid, public):
                 return
         if len(self._instances) + self._launching >= self.max_instances:
@@ -575,28 +639,35 @@ class EC2VMMS(VMMS):
             self._launching -= 1
         self._adopt(vm, iid, public, spot)
 
-    def _adopt(self, vm: TangoMachine, iid: str, public: str, spot: bool) -> None:
+    def _adopt(self, vm: TangoMachine, iid: str, public: str, spot: bool,
+               role: str = "pool") -> None:
         vm.instance_id = iid
         vm.ec2_id = iid
         vm.driver_data.update(iid=iid, host_key=public, spot=spot)
-        self._record(iid, vm.name, "running", spot=spot, vm=vm)
+        self._record(iid, vm.name, "running", spot=spot, vm=vm, role=role)
 
     async def _start_stopped(self, client: Any, vm: TangoMachine, iid: str,
                              public: str) -> bool:
-        """Start a stopped warm instance as ``vm``; False if it could not be."""
+        """Start a stopped warm instance as ``vm``; False if it could not be.
+        The VM is the instance from the first await on: a cancellation or
+        failure from here is the pool's to destroy (destroyVM), never a leak."""
         self.counters["start_instances"] += 1
+        self._adopt(vm, iid, public, False)
+        vm.driver_data["was_stopped"] = True
         try:
             await client.create_tags(Resources=[iid], Tags=self._tags(vm, "pool"))
             await client.start_instances(InstanceIds=[iid])
-        except (ClientError, BotoCoreError) as e:
+        except Exception as e:
             log.warning("ec2: stopped warm instance %s could not be started (%s); "
                         "terminating it", iid, self._explain(e, "start_instances"))
-            with contextlib.suppress(ClientError, BotoCoreError):
-                await client.terminate_instances(InstanceIds=[iid])
-            self._gone(iid)
+            if not await self._terminate(client, [iid], "it could not be started"):
+                # still there: the pool destroys the VM (it is this instance)
+                raise InitializeVMError(f"stopped warm instance {iid} could not be "
+                                        f"started: {e}") from e
+            for key in ("iid", "host_key", "was_stopped"):
+                vm.driver_data.pop(key, None)
+            vm.instance_id = vm.ec2_id = None
             return False
-        self._adopt(vm, iid, public, False)
-        vm.driver_data["was_stopped"] = True
         return True
 
     # ----------------------------------------------------------- reaching it
@@ -619,14 +690,16 @@ class EC2VMMS(VMMS):
         while True:
             try:
                 inst = await self._describe(client, iid)
-            except (ClientError, BotoCoreError) as e:
+            except Exception as e:
                 raise VMNotReadyError(self._explain(e, f"describing {iid}")) from e
             state = (inst or {}).get("State", {}).get("Name")
             if state == want:
                 assert inst is not None
                 return inst
-            if inst is None or state in GONE or (want == "running" and state == "stopped"
-                                                 and iid not in self._instances):
+            # (not found: EC2's listings are eventually consistent, a new
+            # instance may not be in them yet; a terminated one stays listed)
+            if state in GONE or (want == "running" and state == "stopped"
+                                 and iid not in self._instances):
                 reason = (inst or {}).get("StateReason", {}).get("Message", "")
                 raise VMNotReadyError(f"instance {iid} is {state or 'gone'}"
                                       + (f": {reason}" if reason else ""))
@@ -664,7 +737,8 @@ class EC2VMMS(VMMS):
                 with anyio.fail_after(self.connect_timeout):
                     return await asyncssh.connect(
                         host, port, username=self.ssh_user, client_keys=[key],
-                        known_hosts=([pinned], [], []), agent_path=None, config=None,
+                        known_hosts=([pinned], [], []), x509_trusted_certs=None,
+                        x509_trusted_cert_paths=None, agent_path=None, config=None,
                         keepalive_interval=15, keepalive_count_max=4,
                         login_timeout=self.connect_timeout,
                     )
@@ -701,29 +775,41 @@ class EC2VMMS(VMMS):
         host, port = await self._endpoint(inst)
         conn = await self._connect(vm, host, port, key)
         try:
-            probe = "for p in make python3; do command -v $p >/dev/null || " \
+            probe = "for p in make python3 timeout tar; do command -v $p >/dev/null || " \
                     "{ echo no $p; exit 3; }; done"
             result = await conn.run(self._root(probe), check=False)
-        except (OSError, asyncssh.Error) as e:
-            conn.close()
-            raise VMNotReadyError(f"instance {iid}: probe failed: {e}") from e
-        if result.exit_status != 0:
-            conn.close()
-            detail = (str(result.stdout or "") + str(result.stderr or "")).strip()
-            raise VMNotReadyError(f"instance {iid} cannot run jobs: "
-                                  f"{detail or f'exit {result.exit_status}'}")
+            if result.exit_status != 0:
+                detail = (str(result.stdout or "") + str(result.stderr or "")).strip()
+                raise VMNotReadyError(f"instance {iid} cannot run jobs: "
+                                      f"{detail or f'exit {result.exit_status}'}")
+            if self.disable_metadata and not vm.driver_data.get("keep_metadata"):
+                await self._metadata_off(client, iid)
+        except BaseException as e:
+            conn.close()  # (cancelled too: never left open, never stored)
+            if isinstance(e, OSError | asyncssh.Error):
+                raise VMNotReadyError(f"instance {iid}: probe failed: {e}") from e
+            raise
         old = self._conns.pop(iid, None)
         if old is not None:
             old.close()
         self._conns[iid] = conn
-        if self.disable_metadata and not vm.driver_data.get("metadata_off"):
-            # the user data holds the host key; a job must not read it
-            try:
-                await client.modify_instance_metadata_options(InstanceId=iid,
-                                                              HttpEndpoint="disabled")
-                vm.driver_data["metadata_off"] = True
-            except (ClientError, BotoCoreError) as e:
-                log.warning("ec2: could not turn off the metadata endpoint of %s: %s", iid, e)
+
+    async def _metadata_off(self, client: Any, iid: str) -> None:
+        """Turn the instance's metadata endpoint off and wait until EC2 says
+        it is (the user data holds the host key, the endpoint a role's
+        credentials: a job must read neither). A VM where it cannot be
+        turned off runs no job."""
+        try:
+            answer = await client.modify_instance_metadata_options(InstanceId=iid,
+                                                                   HttpEndpoint="disabled")
+            options = answer.get("InstanceMetadataOptions") or {}
+            while options.get("State") != "applied" or options.get("HttpEndpoint") != "disabled":
+                await anyio.sleep(self.poll_interval)
+                inst = await self._describe(client, iid)
+                options = (inst or {}).get("MetadataOptions") or {}
+        except Exception as e:
+            raise VMNotReadyError(f"instance {iid}: its metadata endpoint could not be "
+                                  f"turned off: {self._explain(e, 'metadata options')}") from e
 
     # ----------------------------------------------------------- jobs
 
@@ -788,8 +874,11 @@ class EC2VMMS(VMMS):
             "{ echo -1000 > /proc/self/oom_score_adj; } 2>/dev/null; "
             f'find "{home}" -mindepth 1 -delete 2>/dev/null; mkdir -p "/{JOB_DIR}" && '
             f"tar -x -m -o -f - -C / || exit {UNPACK_FAILED}; "
-            + (f"exec timeout -s KILL {format_seconds(hard)} " if hard else "exec ")
-            + " ".join(shlex.quote(a) for a in run)
+            # not exec'd: `timeout -s KILL` kills its own process group, itself
+            # included, and this shell then exits 137 (an exit status, not a
+            # signal the channel would report as a lost connection)
+            + (f"timeout -s KILL {format_seconds(hard)} " if hard else "")
+            + " ".join(shlex.quote(a) for a in run) + "; s=$?; exit $s"
         )
         cap = min(maxOutputFileSize + 64 * KIB if maxOutputFileSize else self.feedback_cap,
                   self.feedback_cap)
@@ -805,6 +894,15 @@ class EC2VMMS(VMMS):
                 stdin.write(chunk)
                 await stdin.drain()
 
+            async def send() -> None:
+                try:
+                    await send_file(write, tar)
+                    stdin.write_eof()
+                except (BrokenPipeError, ConnectionError, asyncssh.Error):
+                    # the remote side stopped reading (tar failed, exit 90)
+                    # or the connection went: the exit status says which
+                    return
+
             async def read_err() -> None:
                 while chunk := await process.stderr.read(64 * KIB):
                     if len(err) < 64 * KIB:
@@ -812,25 +910,35 @@ class EC2VMMS(VMMS):
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(read_err)
-                await send_file(write, tar)
-                stdin.write_eof()
+                tg.start_soon(send)
                 while chunk := await process.stdout.read(256 * KIB):
-                    await feedback.write(chunk)
+                    try:
+                        await feedback.write(chunk)
+                    except OSError as e:
+                        raise _SpoolFailed(e) from e
             await process.wait_closed()
             code = process.exit_status
-            await feedback.finish()
+            try:
+                await feedback.finish()
+            except OSError as e:
+                raise _SpoolFailed(e) from e
         except BaseException as e:
             feedback.discard()
             if process is not None:
                 process.close()
-            if isinstance(e, (OSError, asyncssh.Error)) or (
-                    isinstance(e, BaseExceptionGroup)
-                    and e.subgroup((OSError, asyncssh.Error)) is not None):
+            spool = _find(e, _SpoolFailed)
+            if spool is not None:
+                raise RunJobError(f"spooling the job's feedback on this host: "
+                                  f"{spool.__cause__}") from None
+            if _find(e, (OSError, asyncssh.Error)) is not None:
                 why = await self._why_lost(vm)
                 raise RunJobError(f"instance {iid}: SSH connection lost during the job"
-                                  f"{why}: {e}") from None
+                                  f"{why}: {_find(e, (OSError, asyncssh.Error))}") from None
             raise
-        if code is None or process.exit_signal is not None:
+        killed = process.exit_signal is not None and process.exit_signal[0] == "KILL"
+        if hard and killed:
+            code = KILLED  # (a shell that was exec'd away after all)
+        elif code is None or process.exit_signal is not None:
             feedback.discard()
             why = process.exit_signal[0] if process.exit_signal else "no exit status"
             raise RunJobError(f"instance {iid}: the job's channel ended without an exit code "
@@ -969,11 +1077,15 @@ class EC2VMMS(VMMS):
         stock = self._stock.setdefault(pool, {})
         failures = 0
         while True:
+            event = self._stock_events[pool] = anyio.Event()
             missing = n - len(stock) - self._stocking.get(pool, 0)
             room = self.max_instances - len(self._instances) - self._launching
             if missing > 0 and room > 0:
                 k = min(missing, room)
+                # the room is taken now, before any await: no initializeVM
+                # can pass the cap meanwhile
                 self._stocking[pool] = self._stocking.get(pool, 0) + k
+                self._launching += k
                 results: list[bool] = []
                 try:
                     async with anyio.create_task_group() as tg:
@@ -981,24 +1093,28 @@ class EC2VMMS(VMMS):
                             tg.start_soon(self._stock_one, pool, image, results)
                 finally:
                     self._stocking[pool] -= k
-                failures = 0 if all(results) else failures + 1
+                failures = 0 if results and all(results) else failures + 1
                 if failures:
                     await anyio.sleep(min(60.0, self.poll_interval * 2 ** failures))
                 continue
-            self._stock_changed = anyio.Event()
-            await self._stock_changed.wait()
+            await event.wait()  # an instance taken, or room freed
 
     async def _stock_one(self, pool: str, image: str, results: list[bool]) -> None:
+        """Make one stopped warm instance (its room was reserved in
+        ``_launching`` by the caller; given back here)."""
         vm = TangoMachine(name=pool, image=image, vmms=self.driver_name, id=0)
-        client = await self._ec2()
+        vm.driver_data["keep_metadata"] = True  # (its next boot reads the user data)
         iid = ""
+        reserved = True
+        client: Any = None
         try:
-            self._launching += 1
+            client = await self._ec2()
             try:
                 iid, public, _ = await self._launch(client, vm, "stopped-warm")
             finally:
                 self._launching -= 1
-            self._adopt(vm, iid, public, False)
+                reserved = False
+            self._adopt(vm, iid, public, False, role="stopped-warm")
             # booted once: its key installed, SSH shown to work
             with anyio.fail_after(600):
                 await self.waitVM(vm, 600)
@@ -1012,17 +1128,17 @@ class EC2VMMS(VMMS):
         except BaseException as e:
             # failed, or cancelled (the manager closing): nothing half-made stays
             results.append(False)
-            if iid:
-                with anyio.CancelScope(shield=True), anyio.move_on_after(60), \
-                        contextlib.suppress(ClientError, BotoCoreError):
-                    await client.terminate_instances(InstanceIds=[iid])
-                self._gone(iid)
+            if reserved:
+                self._launching -= 1
+            if iid and client is not None:
+                await self._terminate(client, [iid], "a stopped warm instance not made")
             if not isinstance(e, Exception):
                 raise
             log.warning("ec2: making a stopped warm instance of pool %s failed: %s", pool, e)
             return
         self._record(iid, pool, "stopped")
-        self._stock.setdefault(pool, {})[iid] = public
+        itype = self.instance_type_for(vm)
+        self._stock.setdefault(pool, {})[iid] = (public, itype)
         results.append(True)
         log.info("ec2: stopped warm instance %s of pool %s ready", iid, pool)
 
@@ -1031,17 +1147,20 @@ class EC2VMMS(VMMS):
         or terminated behind our back (a spot interruption) is lost."""
         while True:
             await anyio.sleep(self.monitor_interval)
+            now = time.monotonic()
+            # (a VM adopted in the last moments may not be in EC2's
+            # eventually consistent listing yet, or still show "stopped")
             busy = {iid: rec for iid, rec in self._instances.items()
-                    if rec.state == "running" and rec.vm is not None}
+                    if rec.state == "running" and rec.vm is not None
+                    and now - rec.adopted > WATCH_GRACE}
             if not busy or self._client is None:
                 continue
             try:
                 found = await self._list(self._client, [{"Name": f"tag:{TAG_OWNER}",
                                                          "Values": [self.owner]}])
-            except (ClientError, BotoCoreError) as e:
+                self.check_states({i["InstanceId"]: i for i in found}, busy)
+            except Exception as e:  # (botocore's bare parser errors too): next turn
                 log.warning("ec2: watching instances: %s", e)
-                continue
-            self.check_states({i["InstanceId"]: i for i in found}, busy)
 
     def check_states(self, found: Mapping[str, Mapping[str, Any]],
                      mine: Mapping[str, _Instance]) -> list[TangoMachine]:
@@ -1099,16 +1218,13 @@ class EC2VMMS(VMMS):
                                           f"{ready_timeout:g} s") from None
                 yield vm
             finally:
-                with anyio.CancelScope(shield=True), anyio.move_on_after(60):
-                    conn = self._conns.pop(iid, None)
-                    if conn is not None:
-                        conn.close()
-                    try:
-                        await client.terminate_instances(InstanceIds=[iid])
-                    except (ClientError, BotoCoreError) as e:
-                        log.error("ec2: job-owned instance %s not terminated: %s", iid, e)
-                    else:
-                        self.counters["terminated"] += 1
+                conn = self._conns.pop(iid, None)
+                if conn is not None:
+                    conn.close()
+                if not await self._terminate(client, [iid], "its job-owned job ended"):
+                    log.error("ec2: job-owned instance %s of job VM %s is still running in "
+                              "the job's account", iid, vm.id)
+                vm.driver_data.pop("client", None)  # (it holds the job's secret)
                 drop_spooled(vm, "input_tar")
                 self.discard_feedback(vm)
 
@@ -1125,3 +1241,20 @@ class EC2VMMS(VMMS):
                 await client.terminate_instances(InstanceIds=dead)
         except (ClientError, BotoCoreError) as e:
             raise InitializeVMError(self._explain(e, "listing job-owned instances")) from e
+
+
+class _SpoolFailed(Exception):
+    """Writing the feedback to this host's spool file failed (not the VM's doing)."""
+
+
+def _find(e: BaseException,
+          kind: type[BaseException] | tuple[type[BaseException], ...]) -> BaseException | None:
+    """``e`` or the first exception of ``kind`` inside it (an exception group)."""
+    if isinstance(e, kind):
+        return e
+    if isinstance(e, BaseExceptionGroup):
+        for sub in e.exceptions:
+            found = _find(sub, kind)
+            if found is not None:
+                return found
+    return None
