@@ -24,7 +24,7 @@ from typing import Any
 import anyio
 import pytest
 
-from vmpool import InitializeVMError, Manager, Outcome, TangoMachine, make_job
+from vmpool import InitializeVMError, Manager, Outcome, Pool, TangoMachine, make_job
 from vmpool_drivers.ec2 import EC2VMMS
 from vmpool_drivers.ec2.driver import TAG_OWNER, TAG_ROLE
 
@@ -78,6 +78,14 @@ async def manager(world: EC2World, ami: str, *, url: str | None = None,
         yield mgr, drv
 
 
+async def warm(mgr: Manager, n: int) -> Pool:
+    """The image's pool, once ``n`` VMs of it are free."""
+    pool = await mgr.ensure_pool(IMAGE)
+    with anyio.fail_after(60):
+        await pool.wait_until(lambda s: s.free == n)
+    return pool
+
+
 async def running(drv: EC2VMMS, h: Any) -> bool:
     """Whether the job of handle ``h`` is running (its VM shows its output)."""
     return h.vm is not None and await drv.partialOutput(h.vm) is not None
@@ -94,9 +102,7 @@ async def test_a_job_through_an_ec2_pool(ec2_world: EC2World, moto_server: MotoS
                                          tmp_path: Path) -> None:
     ami = moto_server.register_ami("grader")
     async with manager(ec2_world, ami, settings={"pool_size": 2}) as (mgr, drv):
-        pool = await mgr.ensure_pool(IMAGE)
-        with anyio.fail_after(60):
-            st = await pool.wait_until(lambda s: s.free == 2)
+        pool = await warm(mgr, 2)
         h = await mgr.run(job(tmp_path, "hello"))
         assert h.result is not None and h.result.outcome is Outcome.SUCCESS, output(h.job)
         text = output(h.job)
@@ -113,7 +119,7 @@ async def test_a_job_through_an_ec2_pool(ec2_world: EC2World, moto_server: MotoS
         # the pool's status shows the instance-hours used
         usage = pool.status().to_dict()["usage"]
         assert usage["running"] >= 2 and usage["running_hours"] > 0
-        assert st.to_dict()["usage"]["stopped_hours"] == 0
+        assert pool.status().to_dict()["usage"]["stopped_hours"] == 0
     # after close: every instance terminated, no machine left
     left = states(moto_server, **{TAG_OWNER: drv.owner})
     assert left and set(left.values()) == {"terminated"}, left
@@ -177,9 +183,7 @@ async def test_a_job_owned_instance_is_terminated_after_its_job_also_when_it_fai
         ec2_world: EC2World, moto_server: MotoServer, tmp_path: Path) -> None:
     ami = moto_server.register_ami("grader")
     async with manager(ec2_world, ami, settings={"pool_size": 1}) as (mgr, drv):
-        pool = await mgr.ensure_pool(IMAGE)
-        with anyio.fail_after(60):
-            await pool.wait_until(lambda s: s.free == 1)
+        await warm(mgr, 1)
         pooled = set(states(moto_server, **{TAG_OWNER: drv.owner, TAG_ROLE: "pool"}))
         # a job with its own credentials: its own instance, never the pool's
         j = job(tmp_path, "owned", access=("AKIAJOBOWNED", "job-secret"))
@@ -306,9 +310,7 @@ async def test_a_connection_cut_during_runjob_is_retried_on_a_new_instance(
         ec2_world: EC2World, moto_server: MotoServer, tmp_path: Path) -> None:
     ami = moto_server.register_ami("grader")
     async with manager(ec2_world, ami, settings={"pool_size": 1}) as (mgr, drv):
-        pool = await mgr.ensure_pool(IMAGE)
-        with anyio.fail_after(60):
-            await pool.wait_until(lambda s: s.free == 1)
+        await warm(mgr, 1)
         makefile = b"all:\n\t@echo started; sleep 4; echo done\n"
         h = await mgr.submit(job(tmp_path, "cut", makefile))
         await until(lambda: running(drv, h), 60)
@@ -360,9 +362,7 @@ async def test_an_interrupted_spot_instance_fails_its_try_and_the_job_is_rerun(
         ec2_world: EC2World, moto_server: MotoServer, tmp_path: Path) -> None:
     ami = moto_server.register_ami("grader")
     async with manager(ec2_world, ami, spot=True, settings={"pool_size": 1}) as (mgr, drv):
-        pool = await mgr.ensure_pool(IMAGE)
-        with anyio.fail_after(60):
-            await pool.wait_until(lambda s: s.free == 1)
+        await warm(mgr, 1)
         h = await mgr.submit(job(tmp_path, "interrupted", SLOW, timeout=40))
         await until(lambda: running(drv, h), 60)
         iid = h.vm.instance_id
