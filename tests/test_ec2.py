@@ -113,6 +113,8 @@ async def test_a_job_through_an_ec2_pool(ec2_world: EC2World, moto_server: MotoS
         mine = instances(moto_server, **{TAG_OWNER: drv.owner})
         assert len(mine) == 3, mine  # 2 warm, the one used (terminated)
         for inst in mine:
+            # the metadata endpoint (user data: the host key) is off before any job
+            assert inst["MetadataOptions"]["HttpEndpoint"] == "disabled", inst["InstanceId"]
             t = tags(inst)
             assert t["vmpool:pool"] == IMAGE and t["vmpool:image"] == IMAGE
             assert t[TAG_ROLE] == "pool" and t["vmpool:vm"].isdigit()
