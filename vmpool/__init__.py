@@ -20,7 +20,7 @@ from .errors import (
 )
 from .manager import Manager, make_job
 from .models import InputFile, TangoJob, TangoMachine
-from .pool import Lease, Pool, PoolSpec, PoolStatus
+from .pool import Adaptive, Lease, Pool, PoolSpec, PoolStatus
 from .registry import available_drivers, load_driver, register_driver
 from .scheduler import JobHandle, JobResult, JobState, Outcome, Scheduler
 from .vmms import VMMS
@@ -29,6 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "VMMS",
+    "Adaptive",
     "CopyInError",
     "CopyOutError",
     "DestroyVMError",

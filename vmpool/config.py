@@ -91,6 +91,10 @@ class Settings:
     prefix: str = "local"
     #: driver used when a job's VM names none
     default_vmms: str = "local"
+    #: write output files in the event loop instead of the writer thread
+    #: (simulations under a virtual clock, vmpool.load: a thread's wait
+    #: would let the clock jump); never for a server
+    output_in_loop: bool = False
     #: options handed to each driver's constructor, by driver name
     driver_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import inspect
 import logging
 import socket
-import time
 import uuid
 from collections.abc import Sequence
 from types import TracebackType
@@ -28,9 +27,10 @@ from .config import Settings
 from .errors import JobError, PoolClosedError, UnknownImageError
 from .lifetime import Lifetime
 from .models import InputFile, TangoJob, TangoMachine
-from .pool import Pool, PoolSpec, PoolStatus
+from .pool import Adaptive, Pool, PoolSpec, PoolStatus
 from .registry import driver_factory, load_driver
 from .scheduler import JobHandle, OnDone, Scheduler
+from .stats import now as clock
 from .vmms import VMMS, safe_name
 
 log = logging.getLogger("vmpool.manager")
@@ -252,8 +252,11 @@ class Manager:
         size: int | None = None,
         max_size: int | None = None,
         reuse: bool | None = None,
+        adaptive: Adaptive | None = None,
     ) -> Pool:
-        """The pool for ``spec``, made (and started) on first use.
+        """The pool for ``spec``, made (and started) on first use
+        (``adaptive``: its warm target follows the arrivals, see
+        :class:`vmpool.pool.Adaptive`).
 
         The driver must already be loaded (``await mgr.driver(name)``);
         :meth:`ensure_pool` does both.
@@ -282,6 +285,7 @@ class Manager:
             backoff_initial=s.backoff_initial,
             backoff_max=s.backoff_max,
             idle_timeout=s.idle_timeout,
+            adaptive=adaptive,
             next_vm_id=self._next_vm_id,
             task_group=self._life.task_group,
         )
@@ -302,12 +306,13 @@ class Manager:
         size: int | None = None,
         max_size: int | None = None,
         reuse: bool | None = None,
+        adaptive: Adaptive | None = None,
     ) -> Pool:
         """Load the driver, check the image, and return (making) its pool."""
         spec = PoolSpec(image, vmms or self.settings.default_vmms, cores, memory, network)
         await self.driver(spec.vmms)
         self.check_image(spec)
-        return self.pool(spec, size=size, max_size=max_size, reuse=reuse)
+        return self.pool(spec, size=size, max_size=max_size, reuse=reuse, adaptive=adaptive)
 
     def check_image(self, spec: PoolSpec) -> None:
         images = self._images.get(spec.vmms)
@@ -352,7 +357,7 @@ class Manager:
             raise JobError(problems)
 
     def _implicit_pool(self, spec: PoolSpec) -> Pool:
-        now = time.monotonic()
+        now = clock()
         if spec not in self.pools:
             if len(self._implicit) >= self.settings.max_implicit_pools:
                 # room first: drop every implicit pool that is idle right now
@@ -398,7 +403,7 @@ class Manager:
         with self._sweeper:
             while not self._closing:
                 await anyio.sleep(every)
-                now = time.monotonic()
+                now = clock()
                 for spec, used in list(self._implicit.items()):
                     if not self._idle(spec):
                         self._implicit[spec] = now

@@ -102,6 +102,9 @@ class TangoJob:
     assigned: bool = False
     retries: int = 0
     trace: list[str] = field(default_factory=list)
+    #: the course/lab the job belongs to (the server's courselab): pools
+    #: share their VMs fairly between courselabs. Not part of Tango's object.
+    courselab: str | None = None
 
     def log(self, text: str) -> None:
         """Append a ``<ctime>|<text>`` line to the job's trace, as Tango does."""

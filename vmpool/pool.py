@@ -18,9 +18,8 @@ import enum
 import functools
 import logging
 import math
-import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -38,6 +37,7 @@ from .errors import (
 )
 from .lifetime import Lifetime
 from .models import TangoMachine, pool_name
+from .stats import now as clock
 from .vmms import VMMS
 
 log = logging.getLogger("vmpool.pool")
@@ -187,12 +187,137 @@ def _key(slot: _Slot) -> int:
 class _Waiter:
     """A job waiting for a VM: handed a slot, or an error, then woken."""
 
-    __slots__ = ("error", "event", "slot")
+    __slots__ = ("error", "event", "key", "slot")
 
-    def __init__(self) -> None:
+    def __init__(self, key: str | None = None) -> None:
         self.event = anyio.Event()
         self.slot: _Slot | None = None
         self.error: BaseException | None = None
+        #: whose job it is (a courselab): the line is fair between keys
+        self.key = key
+
+
+class _Line:
+    """The jobs waiting for a VM: FIFO within a key (a courselab), round-robin
+    between keys, so one course's deadline flood does not make every other
+    course wait behind it. Each key is served ``weights[key]`` times (default
+    1) per turn. A retried job goes to the front of its key's line, and its
+    key to the front of the turn. Every operation is O(1)."""
+
+    __slots__ = ("_credit", "_keys", "_n", "weights")
+
+    def __init__(self, weights: Mapping[str, int] | None = None) -> None:
+        #: key -> its waiters, in FIFO order; the keys in turn order
+        self._keys: OrderedDict[str | None, OrderedDict[_Waiter, None]] = OrderedDict()
+        #: what is left of the first key's turn
+        self._credit = 0
+        self._n = 0
+        self.weights = dict(weights or {})
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __bool__(self) -> bool:
+        return self._n > 0
+
+    def add(self, waiter: _Waiter, *, front: bool = False) -> None:
+        line = self._keys.get(waiter.key)
+        if line is None:
+            line = self._keys[waiter.key] = OrderedDict()
+        line[waiter] = None
+        if front:
+            line.move_to_end(waiter, last=False)
+            if next(iter(self._keys)) != waiter.key:
+                self._keys.move_to_end(waiter.key, last=False)
+                self._credit = 0
+        self._n += 1
+
+    def remove(self, waiter: _Waiter) -> None:
+        line = self._keys.get(waiter.key)
+        if line is None or waiter not in line:
+            return
+        del line[waiter]
+        self._n -= 1
+        if not line:
+            first = next(iter(self._keys)) == waiter.key
+            del self._keys[waiter.key]
+            if first:
+                self._credit = 0
+
+    def pop(self) -> _Waiter | None:
+        """The next waiter to serve: the first of the key whose turn it is."""
+        if not self._keys:
+            return None
+        key, line = next(iter(self._keys.items()))
+        if self._credit <= 0:
+            self._credit = max(1, self.weights.get(key or "", 1))
+        waiter, _ = line.popitem(last=False)
+        self._n -= 1
+        self._credit -= 1
+        if not line:
+            del self._keys[key]
+            self._credit = 0
+        elif self._credit <= 0:
+            self._keys.move_to_end(key)  # its turn is over
+        return waiter
+
+    def drain(self) -> list[_Waiter]:
+        out = [w for line in self._keys.values() for w in line]
+        self._keys.clear()
+        self._n = self._credit = 0
+        return out
+
+
+@dataclass(frozen=True)
+class Adaptive:
+    """Adaptive sizing: the pool's warm target follows the arrival rate.
+
+    The target is ``ceil(rate * create_seconds + margin * sqrt(rate *
+    create_seconds) + extra)``, clamped to [``low``, ``high``] (``high``
+    also by ``max_size``): the VMs the arrivals of one VM creation time
+    take, plus a margin for Poisson bursts (``margin`` standard
+    deviations). ``rate`` is an exponentially weighted average of the
+    arrivals (half-life ``halflife`` seconds); ``create_seconds`` the
+    pool's own average creation time (initializeVM + waitVM), ``create``
+    until one is measured. The pool grows to a higher target at once and
+    gives up VMs over a lower one only once they have been idle for
+    ``hold`` seconds (its hysteresis: a lull does not empty it).
+    """
+
+    low: int = 0
+    high: int = 1_000_000
+    halflife: float = 300.0
+    margin: float = 2.0
+    extra: float = 0.0
+    hold: float = 120.0
+    create: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.low <= self.high:
+            raise ValueError(f"adaptive: need 0 <= low <= high, got {self.low}, {self.high}")
+        if not (self.halflife > 0 and self.margin >= 0 and self.extra >= 0 and self.hold >= 0
+                and self.create > 0):
+            raise ValueError(f"adaptive: bad parameters {self}")
+
+
+class _Rate:
+    """An exponentially weighted arrival rate (per second) with half-life ``h``."""
+
+    __slots__ = ("_at", "_tau", "_value")
+
+    def __init__(self, halflife: float) -> None:
+        self._tau = halflife / math.log(2)
+        self._value = 0.0
+        self._at: float | None = None
+
+    def arrival(self, t: float) -> None:
+        self._value = self.value(t) + 1.0 / self._tau
+        self._at = t
+
+    def value(self, t: float) -> float:
+        if self._at is None:
+            return 0.0
+        return self._value * math.exp(-max(0.0, t - self._at) / self._tau)
 
 
 class Lease:
@@ -203,11 +328,12 @@ class Lease:
     job succeeded) and the pool reuses VMs. Anything else destroys it.
     """
 
-    __slots__ = ("_front", "_pool", "_slot", "healthy")
+    __slots__ = ("_front", "_key", "_pool", "_slot", "healthy")
 
-    def __init__(self, pool: Pool, front: bool) -> None:
+    def __init__(self, pool: Pool, front: bool, key: str | None = None) -> None:
         self._pool = pool
         self._front = front
+        self._key = key
         self._slot: _Slot | None = None
         self.healthy = False
 
@@ -225,7 +351,7 @@ class Lease:
     async def __aenter__(self) -> Lease:
         if self._slot is not None:
             raise RuntimeError("a lease is entered once")
-        self._slot = await self._pool._take(front=self._front)
+        self._slot = await self._pool._take(front=self._front, key=self._key)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -258,6 +384,8 @@ class PoolStatus:
     creating_ids: list[int] = field(default_factory=list)
     closed: bool = False
     idle_timeout: float = 0.0
+    #: free VMs the pool keeps now (min_idle, or the adaptive target)
+    idle_target: int = 0
     #: the driver's instance-hours of this pool (EC2), if it counts them
     usage: dict[str, float] | None = None
 
@@ -273,6 +401,7 @@ class PoolStatus:
             "max_size": self.max_size,
             "reuse": self.reuse,
             "idle_timeout": self.idle_timeout,
+            "idle_target": self.idle_target,
             "total": self.total,
             "free": self.free,
             "busy": self.busy,
@@ -332,6 +461,8 @@ class Pool:
         idle_timeout: float = 0.0,
         next_vm_id: Callable[[], int] | None = None,
         task_group: anyio.abc.TaskGroup | None = None,
+        adaptive: Adaptive | None = None,
+        weights: Mapping[str, int] | None = None,
     ) -> None:
         if max_size is None:
             max_size = max(min_idle, 1)
@@ -369,7 +500,11 @@ class Pool:
         self._slots = _Slots()
         # Jobs waiting for a VM, in FIFO order (a retried job goes first); a
         # cancelled waiter leaves at once, in O(1).
-        self._waiters: OrderedDict[_Waiter, None] = OrderedDict()
+        self._waiters = _Line(weights)
+        #: adaptive sizing (None: the warm target is min_idle)
+        self.adaptive = adaptive
+        self._rate = _Rate(adaptive.halflife if adaptive else 300.0)
+        self._create_avg: float | None = None
 
         self._failed_total = 0
         self._consecutive_failures = 0
@@ -431,34 +566,35 @@ class Pool:
         the pool, e.g. a job-owned one)."""
         return self._next_vm_id()
 
-    def lease(self, *, front: bool = False) -> Lease:
+    def lease(self, *, front: bool = False, key: str | None = None) -> Lease:
         """Wait for a warm VM and hold it for the ``async with`` block.
 
-        Jobs get VMs in FIFO order; ``front=True`` (a retried job) goes to the
-        head of the line. If a creation fails while jobs wait, the first
+        Jobs get VMs in FIFO order within a ``key`` (a courselab), in turn
+        between keys (see :class:`_Line`); ``front=True`` (a retried job)
+        goes to the head of its key's line. If a creation fails while jobs wait, the first
         waiting job receives the error (as in Tango, where a job's own VM
         creation failing fails that attempt), so a broken pool fails its jobs
         instead of holding them forever. Raises PoolClosedError once closing.
         """
-        return Lease(self, front)
+        return Lease(self, front, key)
 
-    async def _take(self, *, front: bool) -> _Slot:
+    async def _take(self, *, front: bool, key: str | None = None) -> _Slot:
         if self._closing:
             raise PoolClosedError(f"pool {self.spec.key} is closed")
+        if not front:  # (a retry is no new arrival)
+            self._rate.arrival(clock())
         slot = _Slots.first(self._slots.free)
         if slot is not None and not self._waiters:
             self._slots.move(slot, VMState.BUSY)
             self._refill()
             return slot
-        waiter = _Waiter()
-        self._waiters[waiter] = None
-        if front:
-            self._waiters.move_to_end(waiter, last=False)
+        waiter = _Waiter(key)
+        self._waiters.add(waiter, front=front)
         self._refill()
         try:
             await waiter.event.wait()
         except BaseException:
-            self._waiters.pop(waiter, None)
+            self._waiters.remove(waiter)
             if waiter.slot is not None:
                 # A VM was handed over as we were cancelled: it is unused and
                 # healthy, so it goes to the next waiter.
@@ -490,8 +626,8 @@ class Pool:
             and self._slots.live() <= self.max_size
             # wanted: a job waits, the warm target is short, or idle VMs
             # over it are kept for a while (idle_timeout)
-            and (bool(self._waiters) or len(self._slots.free) < self.min_idle
-                 or self.idle_timeout > 0)
+            and (bool(self._waiters) or len(self._slots.free) < self.idle_target()
+                 or self._hold() > 0)
         )
         if keep:
             self._make_available(slot)
@@ -588,7 +724,7 @@ class Pool:
                 self._life.request_close()
 
     async def _close(self, busy_grace: float) -> None:
-        waiters, self._waiters = list(self._waiters), OrderedDict()
+        waiters = self._waiters.drain()
         for w in waiters:
             w.error = PoolClosedError(f"pool {self.spec.key} is closed")
             w.event.set()
@@ -647,7 +783,7 @@ class Pool:
             waiting=len(self._waiters),
             failed=self._failed_total,
             consecutive_failures=self._consecutive_failures,
-            backoff_remaining=max(0.0, self._backoff_until - time.monotonic()),
+            backoff_remaining=max(0.0, self._backoff_until - clock()),
             last_error=self._last_error,
             leaked=ids(VMState.LEAKED),
             free_ids=ids(VMState.FREE),
@@ -655,6 +791,7 @@ class Pool:
             creating_ids=ids(VMState.CREATING),
             closed=self._closing,
             idle_timeout=self.idle_timeout,
+            idle_target=self.idle_target(),
             usage=self.driver.usage().get(self.spec.name),
         )
 
@@ -674,9 +811,9 @@ class Pool:
         )
 
     def _make_available(self, slot: _Slot) -> None:
-        slot.ready_at = time.monotonic()
-        if self._waiters:
-            waiter, _ = self._waiters.popitem(last=False)
+        slot.ready_at = clock()
+        waiter = self._waiters.pop()
+        if waiter is not None:
             self._slots.move(slot, VMState.BUSY)
             waiter.slot = slot
             waiter.event.set()
@@ -742,18 +879,20 @@ class Pool:
         # Shrink: idle VMs over the cap or over the warm target go first
         # (the newest), then creations in flight over the cap.
         excess = slots.live() - self.max_size
-        now = time.monotonic()
-        while free and (excess > 0 or len(free) > self.min_idle):
-            if excess <= 0 and self.idle_timeout > 0:
+        now = clock()
+        target = self.idle_target(now)
+        hold = self._hold()
+        while free and (excess > 0 or len(free) > target):
+            if excess <= 0 and hold > 0:
                 # over the warm target only: the VM idle longest goes once
-                # it has been idle for idle_timeout
+                # it has been idle for idle_timeout (adaptive: its hold)
                 oldest = _Slots.first(free)
                 assert oldest is not None
-                expires = oldest.ready_at + self.idle_timeout
+                expires = oldest.ready_at + hold
                 if now < expires:
                     self._wake_idle(expires)
                     break
-                self._start_destroy(oldest, f"idle for {self.idle_timeout:g} s")
+                self._start_destroy(oldest, f"idle for {hold:g} s")
                 continue
             newest = _Slots.last(free)
             assert newest is not None
@@ -768,7 +907,7 @@ class Pool:
         # free slots only: a slot is taken until its VM is destroyed, so
         # max_size caps the VMs alive however slow destruction is.
         creating = len(slots.creating)
-        want = self.min_idle + len(self._waiters) - len(free) - creating
+        want = target + len(self._waiters) - len(free) - creating
         room = self.max_size - slots.taken()
         n = min(want, room, self.create_concurrency - creating)
         if n <= 0:
@@ -784,6 +923,23 @@ class Pool:
             slots.add(slot)
             self._creators.put(slot)
 
+    def idle_target(self, now: float | None = None) -> int:
+        """How many free VMs the pool keeps now: ``min_idle``, or with
+        adaptive sizing what the arrival rate asks for (see :class:`Adaptive`)."""
+        a = self.adaptive
+        if a is None:
+            return self.min_idle
+        load = self._rate.value(clock() if now is None else now) * (
+            self._create_avg if self._create_avg is not None else a.create)
+        want = math.ceil(load + a.margin * math.sqrt(load) + a.extra) if load > 0 else 0
+        return max(a.low, min(want, a.high, self.max_size))
+
+    def _hold(self) -> float:
+        """How long free VMs over the target stay (0: destroyed at once)."""
+        if self.adaptive is not None:
+            return max(self.adaptive.hold, self.idle_timeout)
+        return self.idle_timeout
+
     def _wake_idle(self, at: float) -> None:
         """Rebalance at ``at`` (monotonic), when an idle VM's time is up. One
         wake-up at a time: the VM idle longest always expires first."""
@@ -794,7 +950,7 @@ class Pool:
         async def wake() -> None:
             try:
                 with scope:
-                    await anyio.sleep(max(0.0, at - time.monotonic()))
+                    await anyio.sleep(max(0.0, at - clock()))
             finally:
                 self._idle_wake = None
             self._refill()
@@ -814,7 +970,7 @@ class Pool:
     async def _wake_after_backoff(self, scope: anyio.CancelScope) -> None:
         try:
             with scope:
-                await anyio.sleep(max(0.0, self._backoff_until - time.monotonic()))
+                await anyio.sleep(max(0.0, self._backoff_until - clock()))
         finally:
             self._wake_scope = None
         self._refill()
@@ -858,6 +1014,9 @@ class Pool:
             error = VMTimeoutError(step, limit)
         if error is None and not self._closing:
             self._consecutive_failures = 0
+            took = clock() - slot.created_at
+            self._create_avg = took if self._create_avg is None else (
+                0.8 * self._create_avg + 0.2 * took)
             self._make_available(slot)
             log.debug("pool %s: VM %s ready", self.spec.key, vm.id)
             self._refill()
@@ -874,7 +1033,7 @@ class Pool:
             self.backoff_max,
             self.backoff_initial * math.pow(2, min(self._consecutive_failures - 1, 30)),
         )
-        self._backoff_until = time.monotonic() + delay
+        self._backoff_until = clock() + delay
         detail = f"{type(error).__name__}: {error}"
         self._last_error = detail
         log.warning(
@@ -887,8 +1046,8 @@ class Pool:
             self._no_room = True
             return
         # The job at the head of the line takes the failure for this attempt.
-        if self._waiters:
-            waiter, _ = self._waiters.popitem(last=False)
+        waiter = self._waiters.pop()
+        if waiter is not None:
             waiter.error = (error if isinstance(error, VMMSError)
                             else InitializeVMError(f"creating VM failed: {detail}"))
             waiter.event.set()

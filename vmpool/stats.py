@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
+
+import anyio
 
 
 def percentile(values: Iterable[float], p: float) -> float:
@@ -11,3 +14,14 @@ def percentile(values: Iterable[float], p: float) -> float:
     if not ordered:
         return float("nan")
     return ordered[min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))]
+
+
+def now() -> float:
+    """The event loop's clock (seconds): asyncio's is ``time.monotonic``;
+    under a virtual clock (trio's MockClock, :mod:`vmpool.load`) it is the
+    simulated time, so every deadline, backoff and idle timeout of the pool
+    and the scheduler runs in it. Outside an event loop: ``time.monotonic``."""
+    try:
+        return anyio.current_time()
+    except RuntimeError:  # no async library running (sniffio's error is one)
+        return time.monotonic()

@@ -321,6 +321,9 @@ class TangoServer:
         return None
 
     def submit(self, job: TangoJob, key: str, courselab: str) -> JobHandle:
+        # pools share their VMs fairly between courselabs (one course's
+        # deadline flood does not hold every other course's jobs behind it)
+        job.courselab = f"{key}-{courselab}"
         h = self.manager.scheduler.submit(job)
         self._live_meta[h.id] = (key, courselab)
         return h
