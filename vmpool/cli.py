@@ -215,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "http://127.0.0.1:3000)")
     hosts.add_argument("--key", default=os.environ.get("VMPOOL_KEY"),
                        help="an access key of the server (default $VMPOOL_KEY)")
+    from .load.cli import add_parsers
+
+    add_parsers(sub)
     return ap
 
 
@@ -326,6 +329,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(run_server(args))
     if args.command == "hosts":
         sys.exit(run_hosts(args))
+    if args.command in ("tune", "simulate"):
+        from .load import cli as load_cli
+
+        sys.exit(load_cli.run_tune(args) if args.command == "tune"
+                 else load_cli.run_simulate(args))
     if args.repeat < 1:
         print("vmpool: --repeat must be >= 1", file=sys.stderr)
         sys.exit(2)

@@ -253,6 +253,7 @@ class Manager:
         max_size: int | None = None,
         reuse: bool | None = None,
         adaptive: Adaptive | None = None,
+        fair: bool = True,
     ) -> Pool:
         """The pool for ``spec``, made (and started) on first use
         (``adaptive``: its warm target follows the arrivals, see
@@ -286,6 +287,7 @@ class Manager:
             backoff_max=s.backoff_max,
             idle_timeout=s.idle_timeout,
             adaptive=adaptive,
+            fair=fair,
             next_vm_id=self._next_vm_id,
             task_group=self._life.task_group,
         )
@@ -307,12 +309,14 @@ class Manager:
         max_size: int | None = None,
         reuse: bool | None = None,
         adaptive: Adaptive | None = None,
+        fair: bool = True,
     ) -> Pool:
         """Load the driver, check the image, and return (making) its pool."""
         spec = PoolSpec(image, vmms or self.settings.default_vmms, cores, memory, network)
         await self.driver(spec.vmms)
         self.check_image(spec)
-        return self.pool(spec, size=size, max_size=max_size, reuse=reuse, adaptive=adaptive)
+        return self.pool(spec, size=size, max_size=max_size, reuse=reuse, adaptive=adaptive,
+                         fair=fair)
 
     def check_image(self, spec: PoolSpec) -> None:
         images = self._images.get(spec.vmms)

@@ -463,6 +463,7 @@ class Pool:
         task_group: anyio.abc.TaskGroup | None = None,
         adaptive: Adaptive | None = None,
         weights: Mapping[str, int] | None = None,
+        fair: bool = True,
     ) -> None:
         if max_size is None:
             max_size = max(min_idle, 1)
@@ -501,6 +502,8 @@ class Pool:
         # Jobs waiting for a VM, in FIFO order (a retried job goes first); a
         # cancelled waiter leaves at once, in O(1).
         self._waiters = _Line(weights)
+        #: whether the line is fair between keys (courselabs); False: one FIFO
+        self.fair = fair
         #: adaptive sizing (None: the warm target is min_idle)
         self.adaptive = adaptive
         self._rate = _Rate(adaptive.halflife if adaptive else 300.0)
@@ -588,7 +591,7 @@ class Pool:
             self._slots.move(slot, VMState.BUSY)
             self._refill()
             return slot
-        waiter = _Waiter(key)
+        waiter = _Waiter(key if self.fair else None)
         self._waiters.add(waiter, front=front)
         self._refill()
         try:
@@ -898,6 +901,11 @@ class Pool:
             assert newest is not None
             self._start_destroy(newest, "pool shrunk")
             excess -= 1
+        a = self.adaptive
+        if a is not None and len(free) > a.low and not self._closing:
+            # the target falls as the rate decays, with no event to say so:
+            # look again a while later (a quiet pool shrinks by itself)
+            self._wake_idle(now + max(1.0, min(a.hold, a.halflife) / 2))
         for slot in list(slots.creating.values()) if excess > 0 else ():
             if excess <= 0:
                 break

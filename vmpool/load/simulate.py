@@ -42,7 +42,7 @@ from .clock import run_virtual
 from .workload import Arrival
 
 #: job durations are rounded to this (seconds) so jobs share their sim-job files
-DURATION_STEP = 0.01
+DURATION_STEP = 0.1
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,8 @@ class Candidate:
     reuse: bool = False
     adaptive: Adaptive | None = None
     idle_timeout: float = 0.0
+    #: the line fair between courselabs (vmpool's default); False: one FIFO
+    fair: bool = True
 
     @property
     def label(self) -> str:
@@ -106,7 +108,7 @@ class Candidate:
             base = f"adaptive {a.low}-{min(a.high, self.max_size)}"
         else:
             base = f"warm {self.min_idle}, max {self.max_size}"
-        return base + (", reuse" if self.reuse else "")
+        return base + (", reuse" if self.reuse else "") + ("" if self.fair else ", FIFO")
 
 
 @dataclass
@@ -140,6 +142,8 @@ class Result:
     makespan: float
     wall_seconds: float
     timeline: list[Sample] = field(default_factory=list)
+    #: per courselab, when its last job ended (seconds from the start)
+    last_end_by_courselab: dict[str, float] = field(default_factory=dict)
 
     def wait(self, q: float, courselab: str | None = None) -> float:
         values = self.waits if courselab is None else self.waits_by_courselab.get(courselab, [])
@@ -209,10 +213,12 @@ def simulate(
     work_dir: str | Path | None = None,
     progress: Callable[[int, int], None] | None = None,
     real_time: bool = False,
+    tail: float = 0.0,
 ) -> Result:
     """Run ``arrivals`` through a manager with ``candidate``'s pools (one per
     image) on the sim driver; returns what every job waited and what the
-    VMs cost. ``real_time=True`` runs it on asyncio's real clock instead (for
+    VMs cost (``tail``: seconds the pools run on after the last job, to see
+    them shrink). ``real_time=True`` runs it on asyncio's real clock instead (for
     checking the virtual clock against it: a few seconds of workload only).
     """
     root = Path(tempfile.mkdtemp(prefix="vmpool-sim-", dir=work_dir or _ram_dir()))
@@ -221,7 +227,7 @@ def simulate(
 
         async def main() -> None:
             box.append(await _run(arrivals, candidate, latencies, root, sample_every,
-                                  create_concurrency, progress))
+                                  create_concurrency, progress, tail))
 
         wall = time.perf_counter()
         if real_time:
@@ -242,7 +248,7 @@ def _ram_dir() -> str | None:
 
 async def _run(arrivals: Sequence[Arrival], c: Candidate, lat: Latencies, root: Path,
                sample_every: float, create_concurrency: int | None,
-               progress: Callable[[int, int], None] | None) -> Result:
+               progress: Callable[[int, int], None] | None, tail: float) -> Result:
     from vmpool_drivers.sim import SimVMMS, SimWorld
 
     world = SimWorld()
@@ -267,6 +273,7 @@ async def _run(arrivals: Sequence[Arrival], c: Candidate, lat: Latencies, root: 
     outcomes: Counter[str] = Counter()
     busy = 0.0
     ends: list[float] = []
+    last_end: dict[str, float] = {}
 
     def done(h: JobHandle) -> None:
         nonlocal busy
@@ -279,6 +286,8 @@ async def _run(arrivals: Sequence[Arrival], c: Candidate, lat: Latencies, root: 
             by_lab.setdefault(h.job.courselab or "", []).append(wait)
         busy += r.finished_at - (r.assigned_at if r.assigned_at is not None else r.finished_at)
         ends.append(r.finished_at)
+        lab = h.job.courselab or ""
+        last_end[lab] = max(last_end.get(lab, 0.0), r.finished_at)
         with contextlib.suppress(OSError):
             os.unlink(r.output_file)
         if progress is not None:
@@ -298,7 +307,8 @@ async def _run(arrivals: Sequence[Arrival], c: Candidate, lat: Latencies, root: 
     async with Manager(settings, drivers={"sim": sim}, on_done=[done],
                        reconcile=False) as mgr:
         pools = [await mgr.ensure_pool(img, size=c.min_idle, max_size=c.max_size,
-                                       reuse=c.reuse, adaptive=c.adaptive) for img in images]
+                                       reuse=c.reuse, adaptive=c.adaptive, fair=c.fair)
+                 for img in images]
         # the warm pools are there before the first job (as a server's are)
         await _all(pools, lambda p: p.status().free >= min(p.idle_target(), p.max_size))
         start = anyio.current_time()
@@ -332,6 +342,8 @@ async def _run(arrivals: Sequence[Arrival], c: Candidate, lat: Latencies, root: 
                 mgr.scheduler.submit(job)
                 fed += 1
             await mgr.join()
+            if tail > 0:
+                await anyio.sleep(tail)
             sample()
             tg.cancel_scope.cancel()
         meter._tick()
@@ -341,6 +353,7 @@ async def _run(arrivals: Sequence[Arrival], c: Candidate, lat: Latencies, root: 
         candidate=c, latencies=lat, jobs=len(arrivals), waits=waits, waits_by_courselab=by_lab,
         outcomes=outcomes, vm_seconds=vm_seconds, busy_seconds=busy, peak_vms=meter.peak,
         makespan=end - start, wall_seconds=0.0, timeline=timeline,
+        last_end_by_courselab={k: v - start for k, v in last_end.items()},
     )
 
 

@@ -183,6 +183,23 @@ class Uniform:
 
 
 @dataclass(frozen=True, slots=True)
+class Exponential:
+    """Durations exponential with mean ``mean_seconds`` (M/M/c's service)."""
+
+    mean_seconds: float
+
+    def __post_init__(self) -> None:
+        _positive("Exponential mean", self.mean_seconds)
+
+    def sample(self, rng: random.Random) -> float:
+        return max(1e-6, rng.expovariate(1.0 / self.mean_seconds))
+
+    @property
+    def mean(self) -> float:
+        return self.mean_seconds
+
+
+@dataclass(frozen=True, slots=True)
 class Empirical:
     """Durations drawn uniformly (with replacement) from ``values``, e.g. the
     durations of a trace."""
@@ -231,13 +248,14 @@ def _range(text: str, what: str) -> tuple[float, float]:
 
 _DURATION_FORMS = (
     "SECONDS, const:SECONDS, lognormal:LOW-HIGH (5th-95th percentiles), "
-    "lognormal:median=M,sigma=S, uniform:LOW-HIGH"
+    "lognormal:median=M,sigma=S, uniform:LOW-HIGH, exp:MEAN"
 )
 
 
 def parse_durations(text: str) -> Durations:
     """A duration distribution from its CLI form: ``"30"`` or ``"const:30"``
-    (every job 30 s), ``"lognormal:20-90"`` (5th and 95th percentiles),
+    (every job 30 s), ``"exp:40"`` (exponential, mean 40 s),
+    ``"lognormal:20-90"`` (5th and 95th percentiles),
     ``"lognormal:median=40,sigma=0.5"``, ``"uniform:20-90"``."""
     spec = text.strip()
     kind, sep, arg = spec.partition(":")
@@ -253,6 +271,8 @@ def parse_durations(text: str) -> Durations:
             return Constant(_number(arg, "seconds"))
         if kind == "uniform":
             return Uniform(*_range(arg, "range"))
+        if kind in ("exp", "exponential"):
+            return Exponential(_number(arg, "mean"))
         if kind == "lognormal":
             if "=" not in arg:
                 return LogNormal.from_range(*_range(arg, "range"))
