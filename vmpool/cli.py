@@ -329,11 +329,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(run_server(args))
     if args.command == "hosts":
         sys.exit(run_hosts(args))
-    if args.command in ("tune", "simulate"):
+    if args.command in ("tune", "simulate", "workload"):
         from .load import cli as load_cli
 
-        sys.exit(load_cli.run_tune(args) if args.command == "tune"
-                 else load_cli.run_simulate(args))
+        run = {"tune": load_cli.run_tune, "simulate": load_cli.run_simulate,
+               "workload": load_cli.run_workload}[args.command]
+        sys.exit(run(args))
     if args.repeat < 1:
         print("vmpool: --repeat must be >= 1", file=sys.stderr)
         sys.exit(2)

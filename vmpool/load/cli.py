@@ -41,6 +41,9 @@ def _ints(text: str) -> list[int]:
 
 
 def add_parsers(sub: Any) -> None:
+    w = sub.add_parser("workload", help="write a generated workload as a trace CSV")
+    w.add_argument("spec", help="e.g. 'ramp:total=5000,hours=6,tau=1,durations=lognormal:20-90'")
+    w.add_argument("-o", "--output", required=True, help="the trace CSV to write")
     for name, helptext in (
         ("tune", "recommend pool settings for a workload (simulated, fast)"),
         ("simulate", "run a workload through one pool setting (simulated, fast)"),
@@ -107,6 +110,19 @@ def adaptive_policies(create: float, caps: list[int]) -> list[Adaptive]:
     """A few adaptive policies to try (margins and holds)."""
     return [Adaptive(low=0, high=max(caps), margin=m, hold=h, create=create, halflife=300)
             for m, h in ((1.0, 120.0), (2.0, 300.0), (3.0, 600.0))]
+
+
+def run_workload(args: argparse.Namespace) -> int:
+    from .workload import write_trace
+
+    try:
+        arrivals = parse_workload(args.spec)
+    except ValueError as e:
+        raise SystemExit(f"vmpool workload: {e}") from None
+    write_trace(args.output, arrivals)
+    span = arrivals[-1].at / 3600 if arrivals else 0.0
+    print(f"wrote {args.output}: {len(arrivals)} jobs over {span:.2f} h")
+    return 0
 
 
 def run_simulate(args: argparse.Namespace) -> int:
@@ -199,7 +215,7 @@ def _report(tuning: Tuning, arrivals: list[Arrival], args: argparse.Namespace) -
 
     from .report import plot_sizes, plot_timeline, table
 
-    out = Console()
+    out = Console(width=max(Console().width, 120))
     out.print(table(tuning))
     best = tuning.recommended
     c = best.candidate

@@ -75,6 +75,7 @@ def plot_sizes(tuning: Tuning, path: str | Path) -> Path:
                     label="budget")
     ax1.set_ylabel(f"p{q:g} queue wait (s)")
     ax1.set_yscale("symlog", linthresh=1.0)
+    ax1.set_ylim(bottom=0)
     ax2.set_ylabel("VM-hours")
     ax2.set_xlabel("warm VMs (min_idle; adaptive: its floor)")
     ax1.legend(fontsize=7, loc="upper right")

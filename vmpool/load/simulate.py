@@ -105,7 +105,8 @@ class Candidate:
     def label(self) -> str:
         if self.adaptive is not None:
             a = self.adaptive
-            base = f"adaptive {a.low}-{min(a.high, self.max_size)}"
+            base = (f"adaptive {a.low}-{min(a.high, self.max_size)} "
+                    f"(margin {a.margin:g}, hold {a.hold:g} s)")
         else:
             base = f"warm {self.min_idle}, max {self.max_size}"
         return base + (", reuse" if self.reuse else "") + ("" if self.fair else ", FIFO")
