@@ -193,3 +193,62 @@ def test_candidates_cover_the_space() -> None:
     fixed = [c for c in space if c.adaptive is None]
     assert len(fixed) == 2 * (2 + 2)  # min_idle 50 is over both caps: left out
     assert len(space) - len(fixed) == 2 * 2
+
+
+def _vmpool(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "vmpool.cli", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_vmpool_bench_and_calibrate_on_the_sim_driver(tmp_path: Path) -> None:
+    config = tmp_path / "vmpool.toml"
+    config.write_text('[drivers.sim]\nlatency = { initializeVM = 0.2, waitVM = 0.05, '
+                      'destroyVM = 0.02 }\n')
+    out = tmp_path / "bench.json"
+    p = _vmpool("bench", "--driver", "sim", "--jobs", "20", "--pool", "3", "--config",
+                str(config), "--json", str(out), "--plot", str(tmp_path / "hist.png"))
+    assert p.returncode == 0, p.stderr
+    data = json.loads(out.read_text())
+    assert data["succeeded"] == 20 and data["jobs_per_s"] > 0
+    # one-shot VMs, each made in 0.25 s: jobs past the first 3 waited for one
+    assert data["queue_wait_p99_ms"] >= 200
+    assert (tmp_path / "hist.png").read_bytes()[:4] == b"\x89PNG"
+    lat_file = tmp_path / "lat.json"
+    p = _vmpool("bench", "--driver", "sim", "--config", str(config), "--calibrate",
+                str(lat_file), "--samples", "3")
+    assert p.returncode == 0, p.stderr
+    lat = Latencies.load(lat_file)
+    assert lat.initializeVM == pytest.approx(0.2, abs=0.05)
+    assert lat.waitVM == pytest.approx(0.05, abs=0.03) and lat.create == pytest.approx(0.25,
+                                                                                      abs=0.07)
+    assert lat.source.startswith("calibrated: sim")
+
+
+def test_traces_from_a_run_and_from_the_servers_store(tmp_path: Path) -> None:
+    from vmpool.load.workload import read_trace
+    from vmpool.models import TangoJob, TangoMachine
+    from vmpool.server.store import SQLiteStore
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    trace = tmp_path / "run.csv"
+    p = _vmpool("run", str(examples / "hello"), "--driver", "sim", "--repeat", "3",
+                "--trace", str(trace))
+    assert p.returncode == 0, p.stderr
+    rows = read_trace(trace)
+    assert len(rows) == 3 and all(r.outcome == "success" and r.duration > 0 for r in rows)
+    # the server's store: done jobs with their run time, pending ones left out
+    db = tmp_path / "jobs.sqlite"
+    store = SQLiteStore(db)
+    for i, run in enumerate((12.5, 30.0, None)):
+        job = TangoJob(vm=TangoMachine(name="lab", image="lab.img"), outputFile="/x",
+                       name=f"j{i}")
+        store.add(job, "key", f"course{i % 2}")
+        if run is not None:
+            store.finish(job, "success", "done", run, 1.0)
+    store.close()
+    out = tmp_path / "store.csv"
+    p = _vmpool("trace", "--database", str(db), "-o", str(out))
+    assert p.returncode == 0, p.stderr
+    rows = read_trace(out)
+    assert [(r.image, r.courselab, r.duration) for r in rows] == [
+        ("lab.img", "course0", 12.5), ("lab.img", "course1", 30.0)]

@@ -130,7 +130,23 @@ async def run_jobs(args: argparse.Namespace) -> int:
     except (UnknownDriverError, VMPoolError) as e:
         print(f"vmpool: {e}", file=sys.stderr)
         return 2
+    if args.trace:
+        write_run_trace(args.trace, image, handles)
     return report(args, [h.result for h in handles], elapsed, out_dir)
+
+
+def write_run_trace(path: str, image: str, handles: list[Any]) -> None:
+    """The jobs of this run as a trace CSV (vmpool tune --trace replays it)."""
+    from .load.workload import trace_from_rows, write_trace
+
+    rows = []
+    for h in handles:
+        r = h.result
+        if r is not None and r.assigned_at is not None and r.finished_at > r.assigned_at:
+            rows.append((r.submitted_at, image, h.job.name, r.finished_at - r.assigned_at,
+                         r.outcome.value))
+    write_trace(path, trace_from_rows(rows))
+    info(f"trace of {len(rows)} jobs: {path}")
 
 
 # Control characters but newline and tab, C1 controls, and the bidirectional
@@ -197,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "by default they are shown escaped, so a job cannot rewrite the screen)")
     run.add_argument("--progress", action="store_true",
                      help="show the progress bar even when stderr is not a terminal")
+    run.add_argument("--trace", help="also write the jobs as a trace CSV (for vmpool tune)")
 
     sub.add_parser("drivers", help="list the drivers installed")
 
@@ -329,11 +346,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(run_server(args))
     if args.command == "hosts":
         sys.exit(run_hosts(args))
-    if args.command in ("tune", "simulate", "workload"):
+    if args.command in ("tune", "simulate", "workload", "trace", "bench"):
         from .load import cli as load_cli
 
         run = {"tune": load_cli.run_tune, "simulate": load_cli.run_simulate,
-               "workload": load_cli.run_workload}[args.command]
+               "workload": load_cli.run_workload, "trace": load_cli.run_trace,
+               "bench": load_cli.run_bench}[args.command]
         sys.exit(run(args))
     if args.repeat < 1:
         print("vmpool: --repeat must be >= 1", file=sys.stderr)

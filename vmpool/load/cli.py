@@ -41,6 +41,21 @@ def _ints(text: str) -> list[int]:
 
 
 def add_parsers(sub: Any) -> None:
+    b = sub.add_parser("bench", help="a load benchmark against a driver (real VMs)")
+    b.add_argument("--driver", default="local", help="the VMMS driver (default local)")
+    b.add_argument("--image", help="the image (default: the driver's default)")
+    b.add_argument("--jobs", type=int, default=50, help="jobs to run (default 50)")
+    b.add_argument("--pool", type=int, default=4, help="warm VMs (default 4)")
+    b.add_argument("--reuse", action="store_true", help="reuse VMs between jobs")
+    b.add_argument("--config", help="a server TOML file whose [drivers] options to use")
+    b.add_argument("--calibrate", metavar="FILE",
+                   help="instead: time the driver's calls and write them for vmpool tune")
+    b.add_argument("--samples", type=int, default=5, help="VMs timed by --calibrate")
+    b.add_argument("--json", help="write the results to this file")
+    b.add_argument("--plot", help="write a latency histogram (PNG) here")
+    t = sub.add_parser("trace", help="write a server's job history as a trace CSV")
+    t.add_argument("--database", required=True, help="the server's job store (jobs.sqlite)")
+    t.add_argument("-o", "--output", required=True, help="the trace CSV to write")
     w = sub.add_parser("workload", help="write a generated workload as a trace CSV")
     w.add_argument("spec", help="e.g. 'ramp:total=5000,hours=6,tau=1,durations=lognormal:20-90'")
     w.add_argument("-o", "--output", required=True, help="the trace CSV to write")
@@ -110,6 +125,100 @@ def adaptive_policies(create: float, caps: list[int]) -> list[Adaptive]:
     """A few adaptive policies to try (margins and holds)."""
     return [Adaptive(low=0, high=max(caps), margin=m, hold=h, create=create, halflife=300)
             for m, h in ((1.0, 120.0), (2.0, 300.0), (3.0, 600.0))]
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    import anyio
+
+    from ..cli import DEFAULT_IMAGES
+    from ..config import Settings
+    from ..registry import load_driver
+    from .bench import bench, calibrate
+
+    settings = Settings.from_env()
+    if args.config:
+        from ..server.config import ConfigError, load_config
+
+        try:
+            settings = load_config(args.config).settings
+        except ConfigError as e:
+            raise SystemExit(f"vmpool bench: {e}") from None
+    settings = settings.replace(reuse_vms=args.reuse)
+    image = args.image or DEFAULT_IMAGES.get(args.driver, "default")
+    if args.jobs < 1 or args.pool < 1 or args.samples < 1:
+        raise SystemExit("vmpool bench: --jobs, --pool and --samples must be >= 1")
+    if args.calibrate:
+        async def cal() -> Latencies:
+            options = dict(settings.driver_options.get(args.driver, {}))
+            drv = load_driver(args.driver, **options)
+            try:
+                return await calibrate(drv, image, args.samples)
+            finally:
+                await drv.close()
+
+        lat = anyio.run(cal)
+        lat.dump(args.calibrate)
+        print(f"wrote {args.calibrate}: create {lat.create:.3f} s (initializeVM "
+              f"{lat.initializeVM:.3f} + waitVM {lat.waitVM:.3f}), copyIn {lat.copyIn:.3f}, "
+              f"copyOut {lat.copyOut:.3f}, destroyVM {lat.destroyVM:.3f}")
+        return 0
+    progress, done = _progress(args.jobs, f"{args.driver}: jobs")
+    try:
+        result = anyio.run(bench, settings, args.driver, image, args.jobs, args.pool,
+                           progress)
+    except (RuntimeError, OSError) as e:
+        raise SystemExit(f"vmpool bench: {e}") from None
+    finally:
+        done()
+    latencies = result.pop("_latencies")
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"vmpool bench: {args.jobs} jobs on {args.driver} ({image}), "
+                        f"pool {args.pool}{', reuse' if args.reuse else ''}")
+    for col in ("jobs/s", "latency p50", "latency p99", "queue p50", "queue p99",
+                "dispatch p50", "VMs made/s"):
+        table.add_column(col, justify="right")
+    table.add_row(f"{result['jobs_per_s']}", f"{result['latency_p50_ms']} ms",
+                  f"{result['latency_p99_ms']} ms", f"{result['queue_wait_p50_ms']} ms",
+                  f"{result['queue_wait_p99_ms']} ms",
+                  f"{result['dispatch_overhead_p50_ms']} ms",
+                  "-" if result["vms_made_per_s"] is None else f"{result['vms_made_per_s']}")
+    Console().print(table)
+    if result["succeeded"] != args.jobs:
+        print(f"only {result['succeeded']} of {args.jobs} jobs succeeded", file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    if args.plot:
+        from .report import _pyplot
+
+        plt = _pyplot()
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.hist([x * 1e3 for x in latencies], bins=30)
+        ax.set_xlabel("end-to-end latency (ms)")
+        ax.set_ylabel("jobs")
+        ax.set_title(table.title)
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=110)
+        plt.close(fig)
+        print(f"wrote {args.plot}")
+    return 0 if result["succeeded"] == args.jobs else 1
+
+
+def run_trace(args: argparse.Namespace) -> int:
+    from ..server.store import SQLiteStore
+    from .workload import trace_from_rows, write_trace
+
+    if not Path(args.database).is_file():
+        raise SystemExit(f"vmpool trace: no database {args.database}")
+    store = SQLiteStore(args.database)
+    try:
+        rows = store.trace_rows()
+    finally:
+        store.close()
+    write_trace(args.output, trace_from_rows(rows))
+    print(f"wrote {args.output}: {len(rows)} jobs")
+    return 0
 
 
 def run_workload(args: argparse.Namespace) -> int:

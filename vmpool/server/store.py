@@ -39,6 +39,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     callback_pending INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+-- (run_seconds, queue_seconds: added by _migrate to older databases)
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
 """
 
@@ -134,10 +135,18 @@ class SQLiteStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
+            self._migrate()
             row = self._db.execute("SELECT v FROM meta WHERE k='next_id'").fetchone()
             if row is None:
                 top = self._db.execute("SELECT COALESCE(MAX(id), 0) FROM jobs").fetchone()[0]
                 self._db.execute("INSERT INTO meta VALUES ('next_id', ?)", (str(top + 1),))
+
+    def _migrate(self) -> None:
+        """Columns later versions added (a database of an earlier one keeps working)."""
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        for column in ("run_seconds", "queue_seconds"):
+            if column not in have:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} REAL")
 
     def close(self) -> None:
         with self._lock:
@@ -166,14 +175,32 @@ class SQLiteStore:
                 raise
         return job.id
 
-    def finish(self, job: TangoJob, outcome: str, message: str) -> None:
+    def finish(self, job: TangoJob, outcome: str, message: str,
+               run_seconds: float | None = None, queue_seconds: float | None = None) -> None:
+        """The job is done; ``run_seconds`` (its VM's time on it) and
+        ``queue_seconds`` (its wait for a VM) feed ``vmpool trace``."""
         with self._lock:
             self._db.execute(
-                "UPDATE jobs SET state='done', outcome=?, message=?, finished=?, job=?"
-                " WHERE id=?",
+                "UPDATE jobs SET state='done', outcome=?, message=?, finished=?, job=?,"
+                " run_seconds=?, queue_seconds=? WHERE id=?",
                 # a done job is never run again: its sealed key is dropped
-                (outcome, message, time.time(), job_to_json(job), job.id),
+                (outcome, message, time.time(), job_to_json(job), run_seconds, queue_seconds,
+                 job.id),
             )
+
+    def trace_rows(self) -> list[tuple[float, str, str, float, str | None]]:
+        """The done jobs that ran, as (submitted, image, courselab, run
+        seconds, outcome): what :func:`vmpool.load.workload.trace_from_rows`
+        takes (``vmpool trace``)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT created, job, courselab, run_seconds, outcome FROM jobs"
+                " WHERE state = 'done' AND run_seconds > 0 ORDER BY created").fetchall()
+        out = []
+        for created, text, courselab, run, outcome in rows:
+            image = (json.loads(text).get("vm") or {}).get("image") or "unknown"
+            out.append((float(created), str(image), str(courselab), float(run), outcome))
+        return out
 
     def callback_done(self, job_id: int) -> None:
         with self._lock:
