@@ -132,11 +132,12 @@ def plot_fair(fair: Result, fifo: Result, arrivals: Sequence[Arrival], path: str
     for ax, res, name in ((axes[0], fifo, "FIFO (Tango's way)"),
                           (axes[1], fair, "fair share between courselabs")):
         for lab in courselabs:
-            waits = res.waits_by_courselab.get(lab, [])
-            ax.plot(range(len(waits)), waits, ".", markersize=3,
-                    label=f"{lab}: p95 {res.wait(95, lab):.0f} s")
+            points = res.waits_at.get(lab, [])
+            ax.plot([t / 60 for t, _ in points], [w for _, w in points], ".",
+                    markersize=4 if len(points) < 200 else 2,
+                    label=f"{lab}: {len(points)} jobs, p95 wait {res.wait(95, lab):.0f} s")
         ax.set_title(name)
-        ax.set_xlabel("job (in order of finishing)")
+        ax.set_xlabel("submitted at (minutes)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     axes[0].set_ylabel("queue wait (s)")

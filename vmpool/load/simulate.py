@@ -145,6 +145,8 @@ class Result:
     timeline: list[Sample] = field(default_factory=list)
     #: per courselab, when its last job ended (seconds from the start)
     last_end_by_courselab: dict[str, float] = field(default_factory=dict)
+    #: per courselab, (submitted, waited) of each job (seconds from the start)
+    waits_at: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
 
     def wait(self, q: float, courselab: str | None = None) -> float:
         values = self.waits if courselab is None else self.waits_by_courselab.get(courselab, [])
@@ -275,6 +277,7 @@ async def _run(arrivals: Sequence[Arrival], c: Candidate, lat: Latencies, root: 
     busy = 0.0
     ends: list[float] = []
     last_end: dict[str, float] = {}
+    at: dict[str, list[tuple[float, float]]] = {}
 
     def done(h: JobHandle) -> None:
         nonlocal busy
@@ -285,6 +288,7 @@ async def _run(arrivals: Sequence[Arrival], c: Candidate, lat: Latencies, root: 
         if wait is not None:
             waits.append(wait)
             by_lab.setdefault(h.job.courselab or "", []).append(wait)
+            at.setdefault(h.job.courselab or "", []).append((r.submitted_at, wait))
         busy += r.finished_at - (r.assigned_at if r.assigned_at is not None else r.finished_at)
         ends.append(r.finished_at)
         lab = h.job.courselab or ""
@@ -355,6 +359,7 @@ async def _run(arrivals: Sequence[Arrival], c: Candidate, lat: Latencies, root: 
         outcomes=outcomes, vm_seconds=vm_seconds, busy_seconds=busy, peak_vms=meter.peak,
         makespan=end - start, wall_seconds=0.0, timeline=timeline,
         last_end_by_courselab={k: v - start for k, v in last_end.items()},
+        waits_at={k: sorted((t - start, w) for t, w in v) for k, v in at.items()},
     )
 
 
