@@ -328,3 +328,42 @@ async def test_idle_timeout_keeps_extra_vms_then_shrinks_to_min_idle() -> None:
                 assert st.total == 1 and len(sim.live) == 1
             else:
                 assert st.free == 1, st  # shrunk at once
+
+
+async def test_adaptive_settings_make_adaptive_pools() -> None:
+    from vmpool import Manager, Settings
+
+    s = Settings(default_vmms="sim", pool_size=1, pool_max_size=6, adaptive=True,
+                 adaptive_margin=1.5, adaptive_hold=60)
+    async with Manager(s, drivers={"sim": SimVMMS()}) as mgr:
+        pool = await mgr.ensure_pool("img.img")
+        assert pool.adaptive is not None
+        assert (pool.adaptive.low, pool.adaptive.high, pool.adaptive.margin,
+                pool.adaptive.hold) == (1, 6, 1.5, 60)
+        # no arrival yet: the target is the floor
+        assert pool.idle_target() == 1
+    async with Manager(Settings(default_vmms="sim"), drivers={"sim": SimVMMS()}) as mgr:
+        assert (await mgr.ensure_pool("img.img")).adaptive is None  # off by default
+
+
+def test_the_waiting_line_takes_courselabs_in_turn() -> None:
+    from vmpool.pool import _Line, _Waiter
+
+    line = _Line(weights={"big": 2})
+    ws = {name: [_Waiter(name) for _ in range(4)] for name in ("big", "small", "other")}
+    for i in range(4):
+        for name in ("big", "small", "other"):
+            line.add(ws[name][i])
+    retried = _Waiter("other")
+    line.add(retried, front=True)  # a retry: the front of its line, its key's turn now
+    line.remove(ws["small"][1])  # a cancelled waiter leaves
+    order = []
+    while (w := line.pop()) is not None:
+        order.append((w.key, w))
+    assert len(order) == 12 and len(line) == 0
+    assert order[0][1] is retried
+    keys = [k for k, _ in order]
+    # "big" is served twice per turn (its weight), the others once, FIFO within each
+    assert keys[:7] == ["other", "big", "big", "small", "other", "big", "big"]
+    assert [w for k, w in order if k == "small"] == [ws["small"][0], ws["small"][2],
+                                                     ws["small"][3]]

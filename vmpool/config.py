@@ -83,6 +83,14 @@ class Settings:
     #: free VMs over a pool's warm size are kept this long once idle, for
     #: the next burst, then destroyed (0: at once)
     idle_timeout: float = 0.0
+    #: adaptive sizing for every pool (vmpool.Adaptive): the warm target
+    #: follows the arrival rate, between pool_size and the pool's cap;
+    #: margin (Poisson standard deviations), hold (s idle before an extra
+    #: VM goes) and the rate's half-life (s)
+    adaptive: bool = False
+    adaptive_margin: float = 2.0
+    adaptive_hold: float = 300.0
+    adaptive_halflife: float = 300.0
     #: destroy a VM after one job (Tango's default); False returns it to the pool
     reuse_vms: bool = False
     #: first and largest pause after failed VM creations (doubles each time)

@@ -273,6 +273,9 @@ class Manager:
         s = self.settings
         n = s.pool_size if size is None else size
         cap = max_size if max_size is not None else (s.pool_max_size or max(n, 1))
+        if adaptive is None and s.adaptive:
+            adaptive = Adaptive(low=n, high=max(cap, n), margin=s.adaptive_margin,
+                                hold=s.adaptive_hold, halflife=s.adaptive_halflife)
         pool = Pool(
             spec,
             drv,
