@@ -102,6 +102,17 @@ def add_parsers(sub: Any) -> None:
             p.add_argument("--adaptive", action="store_true", help="adaptive sizing")
 
 
+def _need(args: argparse.Namespace) -> None:
+    """rich (tables, progress) and, for --plot, matplotlib: the load extra."""
+    import importlib.util
+
+    missing = [m for m in ("rich", *(["matplotlib"] if getattr(args, "plot", None) else []))
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SystemExit(f"vmpool {args.command} needs {' and '.join(missing)}: "
+                         "pip install 'vmpool[load]'")
+
+
 def _arrivals(args: argparse.Namespace) -> list[Arrival]:
     try:
         return read_trace(args.trace) if args.trace else parse_workload(args.workload)
@@ -128,6 +139,7 @@ def adaptive_policies(create: float, caps: list[int]) -> list[Adaptive]:
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    _need(args)
     import anyio
 
     from ..cli import DEFAULT_IMAGES
@@ -235,6 +247,7 @@ def run_workload(args: argparse.Namespace) -> int:
 
 
 def run_simulate(args: argparse.Namespace) -> int:
+    _need(args)
     arrivals = _arrivals(args)
     lat = _latencies(args)
     adaptive = (Adaptive(low=args.min_idle, high=args.max_size, create=lat.create)
@@ -272,6 +285,7 @@ def _progress(total: int, what: str) -> tuple[Any, Any]:
 
 
 def run_tune(args: argparse.Namespace) -> int:
+    _need(args)
     from rich.console import Console
 
     arrivals = _arrivals(args)
