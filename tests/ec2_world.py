@@ -580,7 +580,10 @@ class EC2World:
             files = self._machine_files(inst, host_keys, port, uid)
             for path, (data, _mode) in files.items():
                 (d / os.path.basename(path)).write_bytes(data)
+            # (a VM's root may make namespaces: the driver gives a job that
+            # disables the network one of its own)
             r = _docker(self.docker_host, "create", "--name", name, "--network", "host",
+                        "--cap-add", "SYS_ADMIN",
                         "--label", f"{WORLD_LABEL}={self.id}", "--label",
                         f"{INSTANCE_LABEL}={iid}", self.image, "/bin/sh", "/vmpool/boot.sh")
             ep = Endpoint(iid, port, container=r.stdout.decode().strip(), name=name, uid=uid,

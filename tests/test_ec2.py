@@ -277,6 +277,29 @@ async def test_a_job_past_the_remote_hard_deadline_is_a_timeout(
     assert "killed at the VM's hard deadline (2 s)" in text and "Try 1" not in text, text
 
 
+async def test_a_job_that_disables_the_network_reaches_nothing(
+        ec2_world: EC2World, moto_server: MotoServer, tmp_path: Path) -> None:
+    # The instances here share the host's network (127.0.0.1: moto, the
+    # tests' sshd): a job that disables it (Tango's default) runs in a
+    # network namespace of its own and reaches none of it; one that keeps
+    # it does.
+    ami = moto_server.register_ami("grader")
+    port = int(moto_server.url.rsplit(":", 1)[1])
+    probe = ("all:\n\t@python3 -c \"import socket; s = socket.socket(); s.settimeout(3); "
+             f"r = s.connect_ex(('127.0.0.1', {port})); "
+             "print('REACHED' if r == 0 else 'BLOCKED', r)\"\n").encode()
+    async with manager(ec2_world, ami, settings={"pool_size": 1}) as (mgr, _):
+        cut_off = job(tmp_path, "no-net", probe)
+        assert cut_off.disableNetwork
+        allowed = job(tmp_path, "net", probe)
+        allowed.disableNetwork = False
+        for j in (cut_off, allowed):
+            h = await mgr.run(j)
+            assert h.result is not None and h.result.outcome is Outcome.SUCCESS, output(j)
+    assert "BLOCKED" in output(cut_off) and "REACHED" not in output(cut_off), output(cut_off)
+    assert "REACHED" in output(allowed), output(allowed)
+
+
 # --------------------------------------------------------------------------
 # Faults: a clear line in the output file, nothing lost
 

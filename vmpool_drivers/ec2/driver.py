@@ -28,7 +28,9 @@ one asyncssh connection per instance.
   channel's stdout, capped, into a spool file that copyOut moves out; the
   exit code is the autodriver's. A connection lost during a job is a
   system error (RunJobError): the job is retried on another VM and this one
-  destroyed.
+  destroyed. A job that disables the network (Tango's default) runs in a
+  network namespace of its own (``unshare --net``: a loopback only, not
+  the VPC nor the metadata address; ``isolate_network``).
 - **Warm instances that cost less.** Besides the running warm VMs every
   pool keeps, ``stopped_warm = {pool: N}`` keeps N instances of a pool
   *stopped* (EBS only: only the disk is paid for): made, booted once (their
@@ -235,6 +237,7 @@ class EC2VMMS(VMMS):
         hard_deadline_grace: float = 2.0,
         monitor_interval: float = 5.0,
         disable_metadata: bool = True,
+        isolate_network: bool = True,
         api_attempts: int = 3,
         memory_mb: int = 1024,
     ) -> None:
@@ -290,6 +293,9 @@ class EC2VMMS(VMMS):
         self.hard_deadline_grace = hard_deadline_grace
         self.monitor_interval = monitor_interval
         self.disable_metadata = disable_metadata
+        #: a job that disables the network (Tango's default) runs in a
+        #: network namespace of its own (``unshare --net``): only a loopback
+        self.isolate_network = isolate_network
         self.api_attempts = api_attempts
         self.spool = SpoolDir(spool_dir, "vmpool-ec2-")
         self._autodriver = AUTODRIVER.read_bytes()
@@ -777,6 +783,9 @@ class EC2VMMS(VMMS):
         try:
             probe = "for p in make python3 timeout tar; do command -v $p >/dev/null || " \
                     "{ echo no $p; exit 3; }; done"
+            if self.isolate_network:
+                probe += ("; unshare --net true || { echo 'cannot make a network namespace "
+                          "(unshare --net), so jobs cannot be cut off the network'; exit 3; }")
             result = await conn.run(self._root(probe), check=False)
             if result.exit_status != 0:
                 detail = (str(result.stdout or "") + str(result.stderr or "")).strip()
@@ -836,7 +845,8 @@ class EC2VMMS(VMMS):
             tar = await anyio.to_thread.run_sync(
                 self.spool.input_tar, [], JOB_DIR, (AUTODRIVER_IN_VM, self._autodriver))
         try:
-            return await self._run_job(vm, conn, Path(tar), runTimeout, maxOutputFileSize)
+            return await self._run_job(vm, conn, Path(tar), runTimeout, maxOutputFileSize,
+                                       disableNetwork and self.isolate_network)
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(tar)
@@ -858,7 +868,7 @@ class EC2VMMS(VMMS):
         return f" ({rec.interrupted})" if rec is not None and rec.interrupted else ""
 
     async def _run_job(self, vm: TangoMachine, conn: asyncssh.SSHClientConnection, tar: Path,
-                       runTimeout: float, maxOutputFileSize: int) -> int:
+                       runTimeout: float, maxOutputFileSize: int, no_network: bool) -> int:
         iid = vm.driver_data["iid"]
         run = ["python3", "-S", "-E", f"/{AUTODRIVER_IN_VM}", *arguments(
             timeout=runTimeout, max_output=maxOutputFileSize, nproc=self.nproc,
@@ -878,6 +888,9 @@ class EC2VMMS(VMMS):
             # included, and this shell then exits 137 (an exit status, not a
             # signal the channel would report as a lost connection)
             + (f"timeout -s KILL {format_seconds(hard)} " if hard else "")
+            # the job's own network namespace: a loopback, nothing else (not
+            # the VPC, not the metadata address)
+            + ("unshare --net -- " if no_network else "")
             + " ".join(shlex.quote(a) for a in run) + "; s=$?; exit $s"
         )
         cap = min(maxOutputFileSize + 64 * KIB if maxOutputFileSize else self.feedback_cap,
