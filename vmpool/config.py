@@ -112,6 +112,8 @@ class Settings:
             v = getattr(self, f.name)
             if isinstance(v, int | float) and not isinstance(v, bool) and v < 0:
                 problems.append(f"{f.name} must be >= 0, got {v!r}")
+        if not self.adaptive_halflife > 0:
+            problems.append(f"adaptive_halflife must be > 0, got {self.adaptive_halflife!r}")
         for name in ("runjob_timeout", "copyin_timeout", "copyout_timeout"):
             if not getattr(self, name) > 0:
                 problems.append(f"{name} must be > 0, got {getattr(self, name)!r}")
