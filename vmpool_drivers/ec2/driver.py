@@ -473,10 +473,15 @@ class EC2VMMS(VMMS):
             self.counters["terminated"] += 1
         for stock in self._stock.values():
             stock.pop(iid, None)
+        self._hang_up(iid)
+        self._wake_stock()
+
+    def _hang_up(self, iid: str) -> None:
+        """Close the instance's SSH connection, if it has one (a job on it
+        fails as a lost connection)."""
         conn = self._conns.pop(iid, None)
         if conn is not None:
             conn.close()
-        self._wake_stock()
 
     def _wake_stock(self) -> None:
         """Wake every stock keeper: an instance was taken, or room freed."""
@@ -798,9 +803,7 @@ class EC2VMMS(VMMS):
             if isinstance(e, OSError | asyncssh.Error):
                 raise VMNotReadyError(f"instance {iid}: probe failed: {e}") from e
             raise
-        old = self._conns.pop(iid, None)
-        if old is not None:
-            old.close()
+        self._hang_up(iid)
         self._conns[iid] = conn
 
     async def _metadata_off(self, client: Any, iid: str) -> None:
@@ -993,9 +996,7 @@ class EC2VMMS(VMMS):
         iid = vm.driver_data.get("iid") or vm.instance_id
         if not iid:
             return  # never launched
-        conn = self._conns.pop(iid, None)
-        if conn is not None:
-            conn.close()
+        self._hang_up(iid)
         rec = self._instances.get(iid)
         if rec is not None:
             rec.vm = None  # its end is ours, not an interruption (see _watch)
@@ -1131,9 +1132,7 @@ class EC2VMMS(VMMS):
             # booted once: its key installed, SSH shown to work
             with anyio.fail_after(600):
                 await self.waitVM(vm, 600)
-            conn = self._conns.pop(iid, None)
-            if conn is not None:
-                conn.close()
+            self._hang_up(iid)
             self._instances[iid].vm = None  # (its stopping is no interruption)
             await client.stop_instances(InstanceIds=[iid])
             with anyio.fail_after(600):
@@ -1192,9 +1191,7 @@ class EC2VMMS(VMMS):
                                f"{'interrupted' if rec.spot else state} by EC2: {reason}")
             self.counters["interrupted"] += 1
             log.warning("ec2: %s", rec.interrupted)
-            conn = self._conns.pop(iid, None)
-            if conn is not None:
-                conn.close()
+            self._hang_up(iid)
             lost.append(rec.vm)
             rec.vm = None
         if lost:
@@ -1231,9 +1228,7 @@ class EC2VMMS(VMMS):
                                           f"{ready_timeout:g} s") from None
                 yield vm
             finally:
-                conn = self._conns.pop(iid, None)
-                if conn is not None:
-                    conn.close()
+                self._hang_up(iid)
                 if not await self._terminate(client, [iid], "its job-owned job ended"):
                     log.error("ec2: job-owned instance %s of job VM %s is still running in "
                               "the job's account", iid, vm.id)
