@@ -320,6 +320,23 @@ class _Rate:
         return self._value * math.exp(-max(0.0, t - self._at) / self._tau)
 
 
+class _Wake:
+    """A rebalance of the pool due at some time (:meth:`Pool._refill_at`)."""
+
+    __slots__ = ("scope",)
+
+    def __init__(self) -> None:
+        self.scope: anyio.CancelScope | None = None
+
+    @property
+    def pending(self) -> bool:
+        return self.scope is not None
+
+    def cancel(self) -> None:
+        if self.scope is not None:
+            self.scope.cancel()
+
+
 class Lease:
     """A VM handed to one job, as ``async with pool.lease() as lease``.
 
@@ -495,7 +512,8 @@ class Pool:
         #: free VMs over the warm target (min_idle) are kept this long once
         #: idle, for the next burst (0: destroyed at once)
         self.idle_timeout = idle_timeout
-        self._idle_wake: anyio.CancelScope | None = None
+        #: the rebalance when the idle VM idle longest is due to go
+        self._idle_wake = _Wake()
         self._next_vm_id = next_vm_id or _counter()
 
         self._slots = _Slots()
@@ -513,7 +531,8 @@ class Pool:
         self._consecutive_failures = 0
         self._backoff_until = 0.0
         self._last_error: str | None = None
-        self._wake_scope: anyio.CancelScope | None = None
+        #: the rebalance when the creation backoff is over
+        self._backoff_wake = _Wake()
         #: the last creation failed for want of room in the driver
         self._no_room = False
 
@@ -584,7 +603,7 @@ class Pool:
     async def _take(self, *, front: bool, key: str | None = None) -> _Slot:
         if self._closing:
             raise PoolClosedError(f"pool {self.spec.key} is closed")
-        if not front:  # (a retry is no new arrival)
+        if self.adaptive is not None and not front:  # (a retry is no new arrival)
             self._rate.arrival(clock())
         slot = _Slots.first(self._slots.free)
         if slot is not None and not self._waiters:
@@ -644,8 +663,7 @@ class Pool:
         if self._no_room:
             self._no_room = False
             self._backoff_until = 0.0
-            if self._wake_scope is not None:
-                self._wake_scope.cancel()
+            self._backoff_wake.cancel()
             self._refill()
 
     def _lost(self, vms: list[TangoMachine]) -> None:
@@ -731,10 +749,8 @@ class Pool:
         for w in waiters:
             w.error = PoolClosedError(f"pool {self.spec.key} is closed")
             w.event.set()
-        if self._wake_scope is not None:
-            self._wake_scope.cancel()
-        if self._idle_wake is not None:
-            self._idle_wake.cancel()
+        self._backoff_wake.cancel()
+        self._idle_wake.cancel()
         for slot in self._slots.of(VMState.CREATING):
             self._cancel_creation(slot)
         for slot in self._slots.of(VMState.FREE):
@@ -810,7 +826,7 @@ class Pool:
             self._slots.taken() == 0
             and self._creators.idle()
             and self._destroyers.idle()
-            and self._wake_scope is None
+            and not self._backoff_wake.pending
         )
 
     def _make_available(self, slot: _Slot) -> None:
@@ -893,7 +909,7 @@ class Pool:
                 assert oldest is not None
                 expires = oldest.ready_at + hold
                 if now < expires:
-                    self._wake_idle(expires)
+                    self._refill_at(self._idle_wake, expires)
                     break
                 self._start_destroy(oldest, f"idle for {hold:g} s")
                 continue
@@ -905,7 +921,7 @@ class Pool:
         if a is not None and len(free) > a.low and not self._closing:
             # the target falls as the rate decays, with no event to say so:
             # look again a while later (a quiet pool shrinks by itself)
-            self._wake_idle(now + max(1.0, min(a.hold, a.halflife) / 2))
+            self._refill_at(self._idle_wake, now + max(1.0, min(a.hold, a.halflife) / 2))
         for slot in list(slots.creating.values()) if excess > 0 else ():
             if excess <= 0:
                 break
@@ -921,9 +937,7 @@ class Pool:
         if n <= 0:
             return
         if now < self._backoff_until:
-            if self._wake_scope is None:
-                self._wake_scope = anyio.CancelScope()
-                self._spawn(self._wake_after_backoff, self._wake_scope)
+            self._refill_at(self._backoff_wake, self._backoff_until)
             return
         for _ in range(n):
             slot = _Slot(self.spec.machine(self._next_vm_id()), VMState.CREATING, created_at=now)
@@ -948,22 +962,23 @@ class Pool:
             return max(self.adaptive.hold, self.idle_timeout)
         return self.idle_timeout
 
-    def _wake_idle(self, at: float) -> None:
-        """Rebalance at ``at`` (monotonic), when an idle VM's time is up. One
-        wake-up at a time: the VM idle longest always expires first."""
-        if self._idle_wake is not None:
+    def _refill_at(self, wake: _Wake, at: float) -> None:
+        """Rebalance at ``at`` (the loop's clock), through ``wake``: one
+        pending at a time (the idle VM idle longest always expires first; a
+        backoff extended meanwhile is seen then, and waited for again)."""
+        if wake.pending:
             return
-        scope = self._idle_wake = anyio.CancelScope()
+        scope = wake.scope = anyio.CancelScope()
 
-        async def wake() -> None:
+        async def run() -> None:
             try:
                 with scope:
                     await anyio.sleep(max(0.0, at - clock()))
             finally:
-                self._idle_wake = None
+                wake.scope = None
             self._refill()
 
-        self._spawn(wake)
+        self._spawn(run)
 
     def _cancel_creation(self, slot: _Slot) -> bool:
         """Cancel a creation in flight: its VM is destroyed once the
@@ -974,14 +989,6 @@ class Pool:
         slot.scope.cancel()
         self._slots.move(slot, VMState.DESTROYING)
         return True
-
-    async def _wake_after_backoff(self, scope: anyio.CancelScope) -> None:
-        try:
-            with scope:
-                await anyio.sleep(max(0.0, self._backoff_until - clock()))
-        finally:
-            self._wake_scope = None
-        self._refill()
 
     async def _create(self, slot: _Slot) -> None:
         vm = slot.vm
