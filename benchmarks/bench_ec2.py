@@ -32,11 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import asyncssh
-from common import latency_row, run_and_report
+from common import latency_row, one_at_a_time, run_and_report
 
 from autodriver import SOURCE as AUTODRIVER
 from autodriver import arguments
-from vmpool import Manager, Outcome, Settings, make_job
+from vmpool import Manager, Settings
 from vmpool.models import TangoMachine
 from vmpool_drivers.ec2 import EC2VMMS
 
@@ -55,19 +55,7 @@ def settings(pool: int, **kw: Any) -> Settings:
 async def driver_latency(world: EC2World, ami: str, work: Path, n: int) -> list[float]:
     """``n`` jobs one at a time on one warm instance (the pool reuses it)."""
     drv = EC2VMMS(**driver_options(world, ami))
-    lat = []
-    async with Manager(settings(1, reuse_vms=True), drivers={"ec2": drv}) as mgr:
-        pool = await mgr.ensure_pool(IMAGE)
-        for i in range(n + 2):
-            await pool.wait_until(lambda s: s.free == 1)
-            job = make_job(IMAGE, [(str(work / "Makefile"), "Makefile")],
-                           str(work / f"ec2-{i}.out"), name=f"l{i}", timeout=20)
-            t0 = time.perf_counter()
-            h = await mgr.run(job)
-            assert h.result is not None and h.result.outcome is Outcome.SUCCESS, h.result
-            if i >= 2:  # the first two warm the caches
-                lat.append(time.perf_counter() - t0)
-    return lat
+    return await one_at_a_time(settings(1, reuse_vms=True), drv, IMAGE, work, n)
 
 
 async def by_hand_latency(world: EC2World, ami: str, work: Path, n: int) -> list[float]:

@@ -28,7 +28,7 @@ from typing import Any
 
 import aiodocker
 import anyio
-from common import latency_row, run_and_report
+from common import latency_row, one_at_a_time, run_and_report
 
 from vmpool import Manager, Outcome, Settings, make_job
 from vmpool.stats import percentile
@@ -50,21 +50,8 @@ def settings(vmms: str, pool: int) -> Settings:
 
 
 async def latency(vmms: str, drv: VMMS, work: Path, n: int) -> list[float]:
-    """``n`` jobs one at a time through a warm pool of 1 (one-shot VMs): each
-    waits for the pool to be warm again, as a quiet server's next job does."""
-    lat = []
-    async with Manager(settings(vmms, 1), drivers={vmms: drv}) as mgr:
-        pool = await mgr.ensure_pool(IMAGE)
-        for i in range(n + 2):
-            await pool.wait_until(lambda s: s.free == 1)
-            job = make_job(IMAGE, [(str(work / "Makefile"), "Makefile")],
-                           str(work / f"{vmms}-{i}.out"), name=f"l{i}", timeout=20)
-            t0 = time.perf_counter()
-            h = await mgr.run(job)
-            assert h.result is not None and h.result.outcome is Outcome.SUCCESS, h.result
-            if i >= 2:  # the first two warm the image caches
-                lat.append(time.perf_counter() - t0)
-    return lat
+    """One job at a time through a warm pool of 1 (one-shot VMs)."""
+    return await one_at_a_time(settings(vmms, 1), drv, IMAGE, work, n)
 
 
 async def throughput(vmms: str, drv: VMMS, work: Path, n: int) -> float:

@@ -142,9 +142,9 @@ def write_run_trace(path: str, image: str, handles: list[Any]) -> None:
     rows = []
     for h in handles:
         r = h.result
-        if r is not None and r.assigned_at is not None and r.finished_at > r.assigned_at:
-            rows.append((r.submitted_at, image, h.job.name, r.finished_at - r.assigned_at,
-                         r.outcome.value))
+        run = r.run_seconds if r is not None else None
+        if r is not None and run is not None and run > 0:
+            rows.append((r.submitted_at, image, h.job.name, run, r.outcome.value))
     write_trace(path, trace_from_rows(rows))
     info(f"trace of {len(rows)} jobs: {path}")
 

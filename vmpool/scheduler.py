@@ -88,6 +88,12 @@ class JobResult:
         """Seconds from submission until the VM of the last try was handed over."""
         return None if self.assigned_at is None else self.assigned_at - self.submitted_at
 
+    @property
+    def run_seconds(self) -> float | None:
+        """Seconds the last try held its VM (copyIn to copyOut): what the job
+        costs a VM, as traces record it."""
+        return None if self.assigned_at is None else self.finished_at - self.assigned_at
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "id": self.id,

@@ -289,7 +289,7 @@ async def _run(arrivals: Sequence[Arrival], c: Candidate, lat: Latencies, root: 
             waits.append(wait)
             by_lab.setdefault(h.job.courselab or "", []).append(wait)
             at.setdefault(h.job.courselab or "", []).append((r.submitted_at, wait))
-        busy += r.finished_at - (r.assigned_at if r.assigned_at is not None else r.finished_at)
+        busy += r.run_seconds or 0.0
         ends.append(r.finished_at)
         lab = h.job.courselab or ""
         last_end[lab] = max(last_end.get(lab, 0.0), r.finished_at)

@@ -608,8 +608,8 @@ class TangoServer:
             return
         if r.outcome is Outcome.CANCELLED and self.manager.scheduler.abandoning:
             return  # shutting down: the job stays queued in the store and reruns
-        run = (r.finished_at - r.assigned_at) if r.assigned_at is not None else None
-        await self.db(self.store.finish, h.job, r.outcome.value, r.message, run, r.queue_wait)
+        await self.db(self.store.finish, h.job, r.outcome.value, r.message, r.run_seconds,
+                      r.queue_wait)
         self._live_meta.pop(h.id, None)
         if h.job.notifyURL:
             self.callback(h.id, h.job.notifyURL, h.job.outputFile)
