@@ -152,3 +152,4 @@ def ec2_world(moto_server: MotoServer, docker_host: str) -> Iterator[EC2World]:
         world.close()
         moto_server.reset()
         shutil.rmtree(root, ignore_errors=True)
+    assert world.containers(all=True) == []  # close() left no machine

@@ -6,36 +6,29 @@ from __future__ import annotations
 import asyncio
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import asyncssh
 import pytest
-import yaml  # type: ignore[import-untyped]
 from botocore.exceptions import ClientError
+
+from vmpool_drivers.ec2 import user_data as driver_user_data
 
 from .ec2_world import EC2World, FaultProxy, MotoServer
 from .sshd import keygen
 
 
-@pytest.fixture(scope="module")
-def moto() -> Iterator[MotoServer]:
-    server = MotoServer()
-    yield server
-    server.stop()
+# the EC2 tests' own moto server and world (tests/conftest.py), by shorter names
+@pytest.fixture
+def moto(moto_server: MotoServer) -> MotoServer:
+    return moto_server
 
 
 @pytest.fixture
-def world(moto: MotoServer, docker_host: str, tmp_path: Path) -> Iterator[EC2World]:
-    w = EC2World.create(moto, docker_host, tmp_path / "world")
-    try:
-        yield w
-    finally:
-        w.close()
-        assert w.containers(all=True) == []
-        moto.reset()
+def world(ec2_world: EC2World) -> EC2World:
+    return ec2_world
 
 
 def host_key() -> tuple[str, str]:
@@ -46,8 +39,10 @@ def host_key() -> tuple[str, str]:
 
 
 def user_data(private: str, public: str) -> str:
-    keys = {"ssh_keys": {"ed25519_private": private, "ed25519_public": public}}
-    return "#cloud-config\n" + str(yaml.safe_dump(keys))
+    """The user data the EC2 driver writes for an instance with this host key."""
+    data = driver_user_data(asyncssh.import_private_key(private))
+    assert public.split()[1] in data
+    return data
 
 
 def run(moto: MotoServer, n: int = 1, data: str | None = None) -> list[dict[str, Any]]:
